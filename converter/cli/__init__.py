@@ -1,0 +1,89 @@
+"""The `tmconvert` command line: typer + rich at the edge, everything else in the library.
+
+Each command lives in its own module here and is registered below. `main()` is the console script: it makes
+`convert` the default command (``tmconvert deit-b.pt --to vim-s``) and turns the project's errors into one line on
+stderr with exit code 1 (usage errors exit 2); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from tmconvert.converter import __version__
+from tmconvert.converter.cli import inspect as inspect_cmd
+from tmconvert.converter.cli._console import err_console
+from tmconvert.converter.errors import TmconvertError
+
+app = typer.Typer(
+    name="tmconvert",
+    help="Turn pretrained Vision Transformer checkpoints into Mamba models, and distil them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+app.command("inspect")(inspect_cmd.inspect)
+
+_DEFAULT_COMMAND = "convert"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tmconvert {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+) -> None:
+    """Turn pretrained Vision Transformer checkpoints into Mamba models, and distil them."""
+
+
+def _with_default_command(argv: list[str]) -> list[str]:
+    """Insert the default command when the first word is not a command (``tmconvert SRC --to vim-s``)."""
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    i = 0
+    while i < len(argv) and argv[i] in ("--debug",):
+        i += 1
+    if i < len(argv) and _DEFAULT_COMMAND in commands:
+        word = argv[i]
+        if not word.startswith("-") and word not in commands:
+            return [*argv[:i], _DEFAULT_COMMAND, *argv[i:]]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code."""
+    args = _with_default_command(list(sys.argv[1:] if argv is None else argv))
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="tmconvert", standalone_mode=False)
+    except TmconvertError as exc:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 1
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        err_console.print("aborted")
+        return 130
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show(file=sys.stderr)
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Shipped mapping files (YAML). This package holds data only; `tmconvert.converter` reads it."""

@@ -1,0 +1,6 @@
+from tmconvert.converter.cli import main
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert "tmconvert" in capsys.readouterr().out
