@@ -1,8 +1,21 @@
-"""Vision Transformer teacher (timm / DeiT semantics)."""
+"""Vision Transformer teacher (timm / DeiT semantics).
+
+The forward is timm-exact (same ops in the same order), the parameter names are timm's, so a timm / DeiT state dict
+loads with `strict=True`. `forward_all` returns everything distillation needs from one pass.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tmconvert.converter.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -26,6 +39,23 @@ class ViTConfig:
     layer_scale: bool = False  # DeiT-III / DINOv2: `ls1.gamma`, `ls2.gamma`
     norm_eps: float = 1e-6
     no_embed_class: bool = False  # pos_embed covers patches only (prefix tokens get none)
+    global_pool: str = "token"  # timm: "token" reads the cls token, "avg" averages the patch tokens
+    fc_norm: bool = False  # timm's avg-pool layout: the final norm is `fc_norm` and applied after pooling
+
+    def __post_init__(self) -> None:
+        if isinstance(self.img_size, int):
+            object.__setattr__(self, "img_size", (self.img_size, self.img_size))
+        else:
+            object.__setattr__(self, "img_size", tuple(self.img_size))
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"ViT embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.global_pool not in ("token", "avg"):
+            raise ConfigError(f"ViT global_pool must be 'token' or 'avg', got {self.global_pool!r}")
+        if self.global_pool == "token" and not self.class_token:
+            raise ConfigError("ViT global_pool 'token' needs class_token=True")
+        if self.distilled and (not self.class_token or self.no_embed_class or self.global_pool != "token"):
+            # timm's distilled model has no other layout (its pos_embed always covers both prefix tokens)
+            raise ConfigError("a distilled ViT needs class_token=True, no_embed_class=False and global_pool='token'")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -42,3 +72,274 @@ class ViTConfig:
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_prefix_tokens + self.num_patches
+
+    def token_layout(self, grid: tuple[int, int] | None = None) -> TokenLayout:
+        """Where each token sits in the sequence (prefix tokens first, then patches in raster order)."""
+        grid = grid or self.grid
+        num_patches = grid[0] * grid[1]
+        return TokenLayout(
+            grid=grid,
+            cls_index=0 if self.class_token else None,
+            dist_index=1 if self.distilled else None,
+            patch_indices=tuple(range(self.num_prefix_tokens, self.num_prefix_tokens + num_patches)),
+        )
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Positions of the special tokens and of the patch tokens inside a model's token sequence.
+
+    `patch_indices[p]` is the sequence index of patch `p`, patches counted in raster order over `grid`; a distiller
+    uses two layouts to line teacher tokens up with student tokens.
+    """
+
+    grid: tuple[int, int]
+    cls_index: int | None
+    patch_indices: tuple[int, ...]
+    dist_index: int | None = None
+
+    @property
+    def seq_len(self) -> int:
+        specials = [i for i in (self.cls_index, self.dist_index) if i is not None]
+        return len(self.patch_indices) + len(specials)
+
+    def patch_index_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
+        return torch.tensor(self.patch_indices, dtype=torch.long, device=device)
+
+
+@dataclass
+class ViTOutput:
+    """One teacher pass: logits, final normed tokens, the token stream after every block, optional q/k/v."""
+
+    logits: torch.Tensor  # (B, num_classes), or the pooled features when num_classes == 0
+    final_tokens: torch.Tensor  # (B, T, D) after the final norm (before pooling; pre-norm tokens with fc_norm)
+    layer_tokens: list[torch.Tensor]  # depth x (B, T, D): output of each block
+    qkv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # depth x 3 x (B, heads, T, head_dim)
+
+
+def resample_abs_pos_embed(
+    pos_embed: torch.Tensor,
+    new_grid: tuple[int, int],
+    old_grid: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 1,
+    interpolation: str = "bicubic",
+    antialias: bool = True,
+) -> torch.Tensor:
+    """Resample a (1, prefix + H*W, D) absolute position embedding to another patch grid, as timm does.
+
+    The prefix tokens (cls / dist) are kept as they are; the grid part is interpolated in float32 (bicubic with
+    antialias by default) and cast back. A square old grid is assumed when `old_grid` is not given.
+    """
+    num_grid_tokens = pos_embed.shape[1] - num_prefix_tokens
+    if old_grid is None:
+        side = math.isqrt(num_grid_tokens)
+        if side * side != num_grid_tokens:
+            raise ConfigError(f"pos_embed has {num_grid_tokens} grid tokens, not a square grid; pass old_grid")
+        old_grid = (side, side)
+    if old_grid[0] * old_grid[1] != num_grid_tokens:
+        raise ConfigError(f"pos_embed has {num_grid_tokens} grid tokens, expected {old_grid[0]}x{old_grid[1]}")
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    prefix, grid_part = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    dim = pos_embed.shape[-1]
+    grid_part = grid_part.float().reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
+    grid_part = F.interpolate(grid_part, size=tuple(new_grid), mode=interpolation, antialias=antialias)
+    grid_part = grid_part.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, grid_part], dim=1)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping conv patchify, (B, C, H, W) -> (B, H/p * W/p, D) in raster order."""
+
+    def __init__(self, cfg: ViTConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        p = cfg.patch_size
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=p, stride=p, device=device, dtype=dtype)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.proj(images)
+        grid = (x.shape[-2], x.shape[-1])
+        return x.flatten(2).transpose(1, 2), grid
+
+
+class Attention(nn.Module):
+    """timm `Attention`: fused qkv Linear (rows Q | K | V, heads contiguous inside each), SDPA, proj."""
+
+    def __init__(self, cfg: ViTConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        d = cfg.embed_dim
+        self.qkv = nn.Linear(d, 3 * d, bias=cfg.qkv_bias, device=device, dtype=dtype)
+        self.proj = nn.Linear(d, d, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        b, t, d = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, t, d)), (q, k, v)
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg: ViTConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.embed_dim, cfg.mlp_hidden, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.embed_dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as nn.GELU()
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual branch scale (DeiT-III); key `gamma` as in timm."""
+
+    def __init__(self, dim: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-5, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+
+    def __init__(self, cfg: ViTConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps, **kw)
+        self.attn = Attention(cfg, **kw)
+        self.ls1 = LayerScale(cfg.embed_dim, **kw) if cfg.layer_scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps, **kw)
+        self.mlp = Mlp(cfg, **kw)
+        self.ls2 = LayerScale(cfg.embed_dim, **kw) if cfg.layer_scale else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        attn_out, qkv = self.attn(self.norm1(x))
+        x = x + self.ls1(attn_out)
+        x = x + self.ls2(self.mlp(self.norm2(x)))
+        return x, qkv
+
+
+class VisionTransformer(nn.Module):
+    """timm / DeiT ViT with timm's parameter names; distilled variant included (`dist_token`, `head_dist`).
+
+    Images whose patch grid differs from the config's get a resampled position embedding on the fly (timm's
+    `dynamic_img_size`).
+    """
+
+    def __init__(
+        self,
+        cfg: ViTConfig,
+        *,
+        seed: int | torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        kw = {"device": device, "dtype": dtype}
+        d = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg, **kw)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d, **kw)) if cfg.class_token else None
+        pos_len = cfg.num_patches + (0 if cfg.no_embed_class else cfg.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(torch.zeros(1, pos_len, d, **kw))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, d, **kw)) if cfg.distilled else None  # timm's key order
+        self.blocks = nn.ModuleList(Block(cfg, **kw) for _ in range(cfg.depth))
+        self.norm = nn.Identity() if cfg.fc_norm else nn.LayerNorm(d, eps=cfg.norm_eps, **kw)
+        self.fc_norm = nn.LayerNorm(d, eps=cfg.norm_eps, **kw) if cfg.fc_norm else nn.Identity()
+        self.head = nn.Linear(d, cfg.num_classes, **kw) if cfg.num_classes > 0 else nn.Identity()
+        if cfg.distilled:
+            self.head_dist = nn.Linear(d, cfg.num_classes, **kw) if cfg.num_classes > 0 else nn.Identity()
+        if self.pos_embed.device.type != "meta":
+            self.reset_parameters(seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | torch.Generator | None = None) -> None:
+        """timm's default init: trunc-normal(0.02) pos/dist embeds and Linear weights, zero Linear biases.
+
+        A teacher is normally loaded from a checkpoint; this only makes a random teacher reproducible.
+        """
+        gen = seeded_generator(seed)
+        init_on_cpu_(self.pos_embed, nn.init.trunc_normal_, gen, std=0.02)
+        if self.cls_token is not None:
+            init_on_cpu_(self.cls_token, nn.init.normal_, gen, std=1e-6)
+        if self.dist_token is not None:
+            init_on_cpu_(self.dist_token, nn.init.trunc_normal_, gen, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                init_on_cpu_(module.weight, nn.init.trunc_normal_, gen, std=0.02)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Conv2d):
+                init_on_cpu_(module.weight, nn.init.kaiming_uniform_, gen, a=math.sqrt(5))
+                bound = 1.0 / math.sqrt(module.weight[0].numel())
+                init_on_cpu_(module.bias, nn.init.uniform_, gen, a=-bound, b=bound)
+
+    def token_layout(self) -> TokenLayout:
+        return self.cfg.token_layout()
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        x, grid = self.patch_embed(images)
+        cfg = self.cfg
+        pos_prefix = 0 if cfg.no_embed_class else cfg.num_prefix_tokens
+        pos_embed = resample_abs_pos_embed(self.pos_embed, grid, cfg.grid, num_prefix_tokens=pos_prefix)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        if cfg.no_embed_class:
+            return torch.cat([*prefix, x + pos_embed], dim=1)
+        return torch.cat([*prefix, x], dim=1) + pos_embed
+
+    def _head(self, tokens: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.distilled:
+            return (self.head(tokens[:, 0]) + self.head_dist(tokens[:, 1])) / 2
+        pooled = tokens[:, 0] if cfg.global_pool == "token" else tokens[:, cfg.num_prefix_tokens :].mean(dim=1)
+        return self.head(self.fc_norm(pooled))
+
+    def forward_all(self, images: torch.Tensor, *, return_qkv: bool = False) -> ViTOutput:
+        """One pass returning logits, the final normed tokens, every block's output tokens and optionally q/k/v."""
+        x = self._embed(images)
+        layer_tokens: list[torch.Tensor] = []
+        qkvs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for block in self.blocks:
+            x, qkv = block(x)
+            layer_tokens.append(x)
+            if return_qkv:
+                qkvs.append(qkv)
+        final_tokens = self.norm(x)
+        return ViTOutput(
+            logits=self._head(final_tokens),
+            final_tokens=final_tokens,
+            layer_tokens=layer_tokens,
+            qkv=qkvs if return_qkv else None,
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self._embed(images)
+        for block in self.blocks:
+            x, _ = block(x)
+        return self._head(self.norm(x))
+
+
+def seeded_generator(seed: int | torch.Generator | None) -> torch.Generator | None:
+    """A CPU generator from a seed; None keeps torch's global RNG."""
+    if seed is None or isinstance(seed, torch.Generator):
+        return seed
+    return torch.Generator().manual_seed(seed)
+
+
+@torch.no_grad()
+def init_on_cpu_(
+    param: torch.Tensor, init_fn: Callable[..., torch.Tensor], generator: torch.Generator | None, **kwargs: Any
+) -> None:
+    """Fill `param` with `init_fn` (an `nn.init` function) drawn on the CPU, where the generator lives.
+
+    Drawing on the CPU and copying gives the same values on every device for a given seed.
+    """
+    values = torch.empty(param.shape, dtype=param.dtype)
+    init_fn(values, generator=generator, **kwargs)
+    param.copy_(values)

@@ -10,6 +10,12 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.markup import escape
+
+try:  # typer >= 0.2x ships its own copy of click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import ClickException
 from tmconvert.converter import __version__
 from tmconvert.converter.cli import inspect as inspect_cmd
 from tmconvert.converter.cli._console import err_console
@@ -61,11 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _with_default_command(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args
     try:
-        app(args=args, prog_name="tmconvert", standalone_mode=False)
+        code = app(args=args, prog_name="tmconvert", standalone_mode=False)
+        if code == 130:  # click turns Ctrl-C inside a command into a returned 130 when not standalone
+            err_console.print("interrupted")
+            return 130
     except TmconvertError as exc:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 1
     except typer.Exit as exc:
         return exc.exit_code
@@ -75,13 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show(file=sys.stderr)
-            return exc.exit_code
-        raise
+    except ClickException as exc:  # usage errors carry their own exit code (2)
+        exc.show(file=sys.stderr)
+        return exc.exit_code
     return 0
 
 

@@ -1,0 +1,220 @@
+"""The one reader every command uses: any supported ViT checkpoint → canonical timm tensors + a detected `ViTConfig`.
+
+`open_checkpoint` finds the weights (formats.py), unwraps the training container (containers.py), maps the names to
+timm's (naming.py) and detects the config from shapes (detect.py). Tensor data is read only by `get`, one tensor at a
+time, so looking at or converting a large checkpoint never holds two copies of it. Canonical names follow timm:
+fused `blocks.{i}.attn.qkv.*` (Hugging Face query/key/value are concatenated on `get`), `blocks.{i}.ls1.gamma`,
+`patch_embed.proj.weight` as (D, C, p, p) even when stored as timm's old 2-D linear patchify.
+
+    with open_checkpoint("deit_small_patch16_224.pth") as ckpt:
+        print(ckpt.config, ckpt.num_params)
+        qkv = ckpt.get("blocks.0.attn.qkv.weight")
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tmconvert.converter.containers import strip_wrapper_prefixes
+from tmconvert.converter.detect import detect_vit_config, read_config_hints
+from tmconvert.converter.errors import CheckpointError
+from tmconvert.converter.formats import TensorStore, Weights, open_weights
+from tmconvert.converter.naming import Layout, canonical_layout, canonical_sort_key
+from tmconvert.models.vit import ViTConfig
+
+__all__ = ["Checkpoint", "TensorInfo", "open_checkpoint"]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor's metadata, known without reading its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """How one canonical tensor is made: stored tensors concatenated along dim 0, then viewed as `shape`."""
+
+    sources: tuple[str, ...]
+    info: TensorInfo
+
+
+class Checkpoint:
+    """An opened checkpoint: canonical timm names, lazy tensors, the detected config. Use as a context manager."""
+
+    path: Path
+    format: str  # 'safetensors' | 'safetensors-sharded' | 'torch-zip' | 'torch-legacy' | 'torch-sharded' | 'hf-dir'
+    weights_format: str  # format of the weight files themselves (for 'hf-dir': which of the above it holds)
+    container: str  # 'flat' | 'model' | 'state_dict' | 'module' | 'model_ema' | 'state_dict_ema'
+    container_entries: tuple[str, ...]  # top-level entries of a wrapped torch checkpoint ('model', 'args', ...)
+    naming: str  # 'timm' | 'hf-legacy' | 'hf-v5'
+    family: str  # 'vit'
+    config: ViTConfig
+    notes: tuple[str, ...]  # assumptions detection had to make (heads from head_dim 64, square grid, ...)
+    ignored: tuple[TensorInfo, ...]  # stored tensors outside the canonical set (HF pooler, mask_token), stored names
+    files: tuple[Path, ...]  # the weight files read
+    config_file: Path | None  # the config.json used for detection, if any
+    size_on_disk: int  # bytes of the weight files
+
+    def __init__(
+        self,
+        path: Path,
+        weights: Weights,
+        layout: Layout,
+        recipes: dict[str, _Recipe],
+        config: ViTConfig,
+        notes: tuple[str, ...],
+        config_file: Path | None,
+    ):
+        self.path = path
+        self.format = weights.format
+        self.weights_format = weights.weights_format
+        self.container = weights.container
+        self.container_entries = weights.container_entries
+        self.naming = layout.naming
+        self.family = "vit"
+        self.config = config
+        self.notes = notes
+        self.ignored = tuple(_stored_info(weights.store, name) for name in sorted(layout.ignored))
+        self.files = weights.store.files
+        self.config_file = config_file
+        self.size_on_disk = sum(file.stat().st_size for file in self.files)
+        self._store: TensorStore | None = weights.store
+        self._recipes = dict(sorted(recipes.items(), key=lambda item: canonical_sort_key(item[0])))
+
+    def names(self) -> list[str]:
+        """Canonical timm names in timm's state_dict order (tokens, embeddings, blocks.0 … blocks.N, norm, heads)."""
+        return list(self._recipes)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._recipe(name).info
+
+    def source_names(self, name: str) -> tuple[str, ...]:
+        """The stored name(s) a canonical tensor is read from (three for fused Hugging Face q/k/v)."""
+        return self._recipe(name).sources
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one canonical tensor from disk.
+
+        Tensors of zip-format torch files are memory-mapped views (no copy); treat them as read-only, and clone
+        before modifying in place, or later `get`s of the same tensor in this process see the change.
+        """
+        recipe = self._recipe(name)
+        if self._store is None:
+            raise ValueError(f"{self.path}: checkpoint is closed")
+        parts = [self._store.get(source) for source in recipe.sources]
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return tensor.reshape(recipe.info.shape)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) pairs, each read when the iteration reaches it."""
+        for name in self._recipes:
+            yield name, self.get(name)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """All canonical tensors at once, e.g. for `model.load_state_dict` (reads every tensor)."""
+        return dict(self.items())
+
+    @property
+    def num_params(self) -> int:
+        return sum(recipe.info.numel for recipe in self._recipes.values())
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._recipes
+
+    def __len__(self) -> int:
+        return len(self._recipes)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._recipes)
+
+    def __repr__(self) -> str:
+        return (
+            f"Checkpoint({str(self.path)!r}, format={self.format!r}, container={self.container!r}, "
+            f"naming={self.naming!r}, tensors={len(self)}, params={self.num_params})"
+        )
+
+    def _recipe(self, name: str) -> _Recipe:
+        recipe = self._recipes.get(name)
+        if recipe is None:
+            raise CheckpointError(
+                f"{self.path}: no tensor '{name}' (canonical timm names, e.g. {', '.join(list(self._recipes)[:3])})"
+            )
+        return recipe
+
+
+def open_checkpoint(path: str | Path, *, ema: bool = False, num_heads: int | None = None) -> Checkpoint:
+    """Open a ViT checkpoint file or model folder; `ema` reads EMA weights, `num_heads` overrides detection."""
+    path = Path(path)
+    weights = open_weights(path, ema=ema)
+    try:
+        stored = strip_wrapper_prefixes(weights.store.keys(), path=path)
+        if not stored:
+            raise CheckpointError(f"{path}: empty state dict (no tensors)")
+        layout = canonical_layout(stored, path=path)
+        infos = {name: _fused_info(weights.store, name, sources, path) for name, sources in layout.sources.items()}
+        hints = read_config_hints(weights.config_file) if weights.config_file is not None else None
+        detection = detect_vit_config(
+            {name: info.shape for name, info in infos.items()},
+            naming=layout.naming,
+            hints=hints,
+            num_heads=num_heads,
+            path=path,
+        )
+        config = detection.config
+        patch = "patch_embed.proj.weight"  # stored 2-D by timm's old linear patchify: viewed as (D, C, p, p)
+        infos[patch] = _with_shape(
+            infos[patch], (config.embed_dim, config.in_chans, config.patch_size, config.patch_size)
+        )
+        recipes = {name: _Recipe(layout.sources[name], info) for name, info in infos.items()}
+        return Checkpoint(path, weights, layout, recipes, config, detection.notes, hints.file if hints else None)
+    except BaseException:
+        weights.store.close()
+        raise
+
+
+def _stored_info(store: TensorStore, name: str) -> TensorInfo:
+    shape, dtype = store.shape(name), store.dtype(name)
+    return TensorInfo(name, shape, dtype, math.prod(shape) * dtype.itemsize)
+
+
+def _fused_info(store: TensorStore, name: str, sources: tuple[str, ...], path: Path) -> TensorInfo:
+    """Metadata of the canonical tensor made by concatenating `sources` along dim 0."""
+    parts = [_stored_info(store, source) for source in sources]
+    first = parts[0]
+    for part in parts[1:]:
+        if part.dtype != first.dtype or part.shape[1:] != first.shape[1:] or not part.shape:
+            raise CheckpointError(
+                f"{path}: cannot fuse {', '.join(sources)} into '{name}': shapes/dtypes "
+                f"{[(p.shape, str(p.dtype)) for p in parts]} differ"
+            )
+    shape = (sum(p.shape[0] for p in parts), *first.shape[1:]) if len(parts) > 1 else first.shape
+    return TensorInfo(name, shape, first.dtype, math.prod(shape) * first.dtype.itemsize)
+
+
+def _with_shape(info: TensorInfo, shape: tuple[int, ...]) -> TensorInfo:
+    return TensorInfo(info.name, shape, info.dtype, info.nbytes)
