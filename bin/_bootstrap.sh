@@ -12,7 +12,7 @@ tm_has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null
 tm_bootstrap() {
     local extras="$1" spec="$tm_root" stamp="$TM_VENV/.tmconvert-stamp" want
     [ -n "$extras" ] && spec="$tm_root[$extras]"
-    want="$(cat "$tm_root/pyproject.toml" | sha256sum | cut -c1-16) extras=$extras"
+    want="$(cat "$tm_root/pyproject.toml" "$tm_root/bin/_bootstrap.sh" | sha256sum | cut -c1-16) extras=$extras"
     if [ -f "$stamp" ] && grep -qxF "$want" "$stamp"; then
         return 0
     fi
@@ -42,8 +42,12 @@ tm_bootstrap() {
     if tm_has_gpu; then
         tm_say "[$step/$steps] GPU found: keeping or installing the CUDA build of torch"
     else
-        # Without a GPU, pin the CPU build: an unpinned torch pulls several GB of CUDA wheels.
-        local tv="${TMCONVERT_TORCH:-torch==2.13.0}"
+        # Without a GPU, pin the CPU build: an unpinned torch pulls several GB of CUDA wheels. The pins go into a
+        # constraints file used by every install below, so nothing (timm -> torchvision -> torch) can upgrade
+        # torch to a CUDA build later; torchvision is pinned to the release made for that torch.
+        local tv="${TMCONVERT_TORCH:-torch==2.13.0}" tvv="${TMCONVERT_TORCHVISION:-torchvision==0.28.0}"
+        printf '%s\n%s\n' "$tv" "$tvv" >"$TM_VENV/cpu-constraints.txt"
+        pip+=(-c "$TM_VENV/cpu-constraints.txt")
         tm_say "[$step/$steps] no GPU: installing the CPU build ($tv) and triton>=3.7 for the CPU interpreter"
         "${pip[@]}" "$tv" "triton>=3.7" || { tm_say "error: installing $tv failed"; exit 1; }
     fi

@@ -43,5 +43,15 @@ def causal_conv1d(
         padded, taps = F.pad(x, (0, width - 1)), weight.flip(-1)
     else:
         padded, taps = F.pad(x, (width - 1, 0)), weight
-    out = F.conv1d(padded, taps.unsqueeze(1), bias, groups=dim)
+    if x.device.type == "cpu":
+        # PyTorch's CPU depthwise conv1d is very slow for these shapes (tens of ms even at tiny sizes); K shifted
+        # multiply-adds compute the same sums and are two to three orders of magnitude faster.
+        length = x.shape[-1]
+        out = padded[..., 0:length] * taps[:, 0, None]
+        for k in range(1, width):
+            out = out + padded[..., k:k + length] * taps[:, k, None]
+        if bias is not None:
+            out = out + bias[:, None]
+    else:
+        out = F.conv1d(padded, taps.unsqueeze(1), bias, groups=dim)
     return F.silu(out) if activation == "silu" else out
