@@ -10,7 +10,14 @@ shadowed by its function of the same name.
 """
 
 from tmconvert.kernels.conv1d import causal_conv1d
-from tmconvert.kernels.dispatch import BACKENDS, ENV_VAR, available_backends, resolve_backend, selective_scan
+from tmconvert.kernels.dispatch import (
+    BACKENDS,
+    ENV_VAR,
+    available_backends,
+    resolve_backend,
+    selective_scan,
+    use_backend,
+)
 
 __all__ = [
     "BACKENDS",
@@ -19,4 +26,5 @@ __all__ = [
     "causal_conv1d",
     "resolve_backend",
     "selective_scan",
+    "use_backend",
 ]

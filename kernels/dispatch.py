@@ -6,16 +6,19 @@
 - `cuda`: mamba-ssm's compiled `selective_scan_fn` (CUDA tensors only, N <= 256, its dtype rules). It has no
   `reverse`, so reverse calls flip the sequence axis in and out here.
 
-Selection: explicit `backend=` argument > env `TMCONVERT_SCAN_BACKEND` > automatic (CPU → reference; CUDA → cuda if
-importable and it supports the call, else triton if importable, else reference). Optional dependencies are imported
-on first use only, so importing `tmconvert.kernels` never pulls in triton or mamba-ssm.
+Selection: explicit `backend=` argument > a `use_backend(...)` block > env `TMCONVERT_SCAN_BACKEND` > automatic
+(CPU → reference; CUDA → cuda if importable and it supports the call, else triton if importable, else reference).
+Optional dependencies are imported on first use only, so importing `tmconvert.kernels` never pulls in triton or
+mamba-ssm.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import torch
 
@@ -29,6 +32,23 @@ _CUDA_MAX_STATE = 256
 _CUDA_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 ScanFn = Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
+
+# Set by `use_backend`: applies to calls that pass no `backend=` (models), ahead of the environment variable.
+_scoped_backend: ContextVar[str | None] = ContextVar("tmconvert_scan_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Run every `selective_scan` call inside the block on backend `name` (None or "auto": automatic choice).
+
+    This is how callers that do not call the kernel themselves (a model's forward) pick a backend, e.g. to compare
+    backends on the same model.
+    """
+    token = _scoped_backend.set(name if name is not None else "auto")
+    try:
+        yield
+    finally:
+        _scoped_backend.reset(token)
 
 
 @functools.cache
@@ -76,8 +96,11 @@ def _available_on(device: torch.device) -> list[str]:
     return [name for name in BACKENDS if _unavailable_reason(name, device) is None]
 
 
-def available_backends() -> list[str]:
-    """The backends usable on this machine: on its CPU, or on its GPU when CUDA is present (`BACKENDS` order)."""
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """The backends usable for tensors on `device`, or (None) anywhere on this machine: its CPU, or its GPU when
+    CUDA is present. In `BACKENDS` order."""
+    if device is not None:
+        return _available_on(torch.device(device))
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     usable = {name for device in devices for name in _available_on(device)}
     return [name for name in BACKENDS if name in usable]
@@ -88,6 +111,10 @@ def _requested_backend(requested: str | None) -> tuple[str | None, str]:
     if requested is not None and requested.strip().lower() not in _AUTOMATIC:
         return requested.strip().lower(), "backend argument"
     if requested is None:
+        scoped = _scoped_backend.get()
+        if scoped is not None:
+            scoped = scoped.strip().lower()
+            return (None, "automatic") if scoped in _AUTOMATIC else (scoped, "use_backend()")
         from_env = os.environ.get(ENV_VAR, "").strip().lower()
         if from_env not in _AUTOMATIC:
             return from_env, f"env {ENV_VAR}"

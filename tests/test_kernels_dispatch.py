@@ -215,3 +215,18 @@ def test_package_import_is_light() -> None:
     code = "import sys, tmconvert.kernels; print(sorted({'triton', 'mamba_ssm'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_use_backend_scopes_calls_without_an_explicit_backend(monkeypatch) -> None:
+    from tmconvert.kernels import use_backend
+
+    monkeypatch.setenv("TMCONVERT_SCAN_BACKEND", "triton")
+    cpu = torch.device("cpu")
+    with use_backend("reference"):
+        assert resolve_backend(cpu) == "reference"  # the block beats the environment
+        with use_backend(None):
+            monkeypatch.delenv("TMCONVERT_SCAN_BACKEND")
+            assert resolve_backend(cpu) == "reference"  # automatic on CPU
+    with use_backend("nonsense"), pytest.raises(ConfigError, match="use_backend"):
+        resolve_backend(cpu)
+    assert available_backends(cpu)[0] == "reference"
