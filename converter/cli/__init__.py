@@ -17,7 +17,11 @@ try:  # typer >= 0.2x ships its own copy of click
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import ClickException
 from tmconvert.converter import __version__
+from tmconvert.converter.cli import check as check_cmd
+from tmconvert.converter.cli import convert as convert_cmd
 from tmconvert.converter.cli import inspect as inspect_cmd
+from tmconvert.converter.cli import listing as list_cmd
+from tmconvert.converter.cli import verify as verify_cmd
 from tmconvert.converter.cli._console import err_console
 from tmconvert.converter.errors import TmconvertError
 
@@ -31,6 +35,10 @@ app = typer.Typer(
 )
 
 app.command("inspect")(inspect_cmd.inspect)
+app.command("convert")(convert_cmd.convert)
+app.command("check")(check_cmd.check)
+app.command("list")(list_cmd.list_)
+app.command("verify")(verify_cmd.verify)
 
 _DEFAULT_COMMAND = "convert"
 
@@ -68,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args
     try:
         code = app(args=args, prog_name="tmconvert", standalone_mode=False)
-        if code == 130:  # click turns Ctrl-C inside a command into a returned 130 when not standalone
-            err_console.print("interrupted")
-            return 130
+        # not standalone, click returns (not raises) the code of `typer.Exit(n)` and 130 for Ctrl-C in a command
+        if isinstance(code, int) and code:
+            if code == 130:
+                err_console.print("interrupted")
+            return code
     except TmconvertError as exc:
         if debug:
             raise

@@ -1,0 +1,405 @@
+"""Applying a plan: choose the index sets, stream the target tensors into the output, report.
+
+The flow is `prepare` (open the checkpoint, load the mapping, derive the target config, build and check the plan,
+check the output paths: everything that can fail cheaply fails here) and then `execute` (hash the source, score and
+choose the index sets, initialise the target once, evaluate each planned tensor and write it as soon as it exists).
+
+Memory: the source is never loaded as a whole. Each target tensor reads only the source tensors its expression
+names (cached for that one tensor, e.g. fc1 read once for both in_proj halves) and is written and dropped before the
+next. The default-initialised target is built once with its upstream init (a seeded `VisionMamba`), which costs the
+target's fp32 size; a ViM is small next to the ViT it shrinks from, and building it whole is what makes the
+initialisation bit-identical to upstream's (its init draws are sequential). Activation scoring loads the teacher
+once, before conversion starts, and frees it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tmconvert.converter import __version__
+from tmconvert.converter.checkpoint import Checkpoint, open_checkpoint
+from tmconvert.converter.errors import ConfigError, TmconvertError
+from tmconvert.converter.mapping import LoadedMapping, default_mapping_for, find_mapping, load_mapping
+from tmconvert.converter.output import (
+    OutputPaths,
+    TensorSpec,
+    atomic_files,
+    check_output_paths,
+    load_converted,
+    sha256_files,
+    write_json,
+    write_safetensors_stream,
+)
+from tmconvert.converter.plan import (
+    DTYPES,
+    EvalContext,
+    OpContext,
+    Plan,
+    PlanEntry,
+    Region,
+    SourceSide,
+    TargetSide,
+    build_plan,
+    config_json,
+    derive_target_config,
+    evaluate,
+)
+from tmconvert.converter.subclone import (
+    SCORE_METHODS,
+    Selection,
+    activation_scores,
+    build_teacher,
+    calibration_batches,
+    choose,
+    parse_calib,
+)
+from tmconvert.converter.verify import VerificationError, VerifyReport, verify_converted
+from tmconvert.models.vim import VisionMamba
+
+FORMATS = ("safetensors", "vim")
+VERIFY_IMAGES = 8  # synthetic images the post-conversion check runs when no calibration folder was given
+
+
+@dataclass(frozen=True)
+class ConvertRequest:
+    """Everything `tmconvert SOURCE --to TARGET ...` was asked to do."""
+
+    source: Path
+    target: str
+    mapping: str | None = None  # file path or shipped name; None: the target's default
+    layers: int | None = None
+    identity_rest: bool | None = None  # None: the mapping's `options.identity_rest`
+    calib: str | None = None  # folder of images or a count of synthetic images
+    score: str | None = None  # None: activation with --calib, else magnitude
+    out: Path | None = None
+    dtype: str = "fp32"
+    seed: int = 0
+    force: bool = False
+    format: str = "safetensors"
+    img_size: int | None = None
+    patch_size: int | None = None
+    num_classes: int | None = None
+    ema: bool = False
+    num_heads: int | None = None
+    verify: bool = True
+
+
+@dataclass
+class Prepared:
+    """A checked plan ready to run, with the open checkpoint it reads from."""
+
+    request: ConvertRequest
+    checkpoint: Checkpoint
+    mapping: LoadedMapping
+    plan: Plan
+    paths: OutputPaths
+    score: str
+    calib: str | int | None
+
+    def close(self) -> None:
+        self.checkpoint.close()
+
+
+@dataclass
+class ConversionResult:
+    paths: OutputPaths
+    plan: Plan
+    bytes_written: int
+    source_sha256: str
+    seconds: float
+    selection: Selection
+    metadata: dict[str, str]
+    verification: dict[str, Any] | None = None
+    verify_report: VerifyReport | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def default_output_path(source: Path, target: str) -> Path:
+    """`<source stem>-<target>.safetensors` in the current folder."""
+    stem = source.name if source.is_dir() else source.name.split(".")[0]
+    return Path.cwd() / f"{stem}-{target}.safetensors"
+
+
+def prepare(request: ConvertRequest, *, check_outputs: bool = True) -> Prepared:
+    """Open, plan and check everything cheap; raises a `TmconvertError` naming the problem."""
+    if request.format not in FORMATS:
+        raise ConfigError(f"--format {request.format}: choose one of {', '.join(FORMATS)}")
+    if request.layers is not None and request.layers <= 0:
+        raise ConfigError(f"--layers must be at least 1, got {request.layers}")
+    score = request.score or ("activation" if request.calib is not None else "magnitude")
+    if score not in SCORE_METHODS:
+        raise ConfigError(f"--score {score}: choose one of {', '.join(SCORE_METHODS)}")
+    calib = parse_calib(request.calib)
+    if score == "activation" and calib is None:
+        raise ConfigError("--score activation needs calibration images: --calib DIR or --calib N (synthetic)")
+    out = request.out or default_output_path(request.source, request.target)
+    paths = OutputPaths.for_weights(out, vim_pth=request.format == "vim")
+    if check_outputs:
+        check_output_paths(paths, force=request.force)
+    mapping_path = find_mapping(request.mapping) if request.mapping else default_mapping_for(request.target)
+    mapping = load_mapping(mapping_path)
+    checkpoint = open_checkpoint(request.source, ema=request.ema, num_heads=request.num_heads)
+    try:
+        target_cfg = derive_target_config(
+            request.target,
+            checkpoint.config,
+            img_size=request.img_size,
+            patch_size=request.patch_size,
+            num_classes=request.num_classes,
+        )
+        options = {
+            "score": score,
+            "calib": calib,
+            "seed": request.seed,
+            "format": request.format,
+            "ema": request.ema,
+        }
+        plan = build_plan(
+            mapping,
+            SourceSide.from_checkpoint(checkpoint),
+            TargetSide.from_config(request.target, target_cfg),
+            layers=request.layers,
+            identity_rest=request.identity_rest,
+            dtype=request.dtype,
+            options=options,
+        )
+        plan.raise_problems()
+    except BaseException:
+        checkpoint.close()
+        raise
+    return Prepared(request, checkpoint, mapping, plan, paths, score, calib)
+
+
+def choose_index_sets(prepared: Prepared) -> Selection:
+    """Score and choose every index set of the plan (identity selections need no scores)."""
+    plan, ckpt = prepared.plan, prepared.checkpoint
+    requests = [s.request() for s in plan.index_sets.values()]
+    scored = [r for r in requests if r.keep < r.full]
+    activations = None
+    if scored and prepared.score == "activation":
+        teacher = build_teacher(ckpt.config, ckpt.get, ckpt.names())
+        batches = calibration_batches(prepared.calib, ckpt.config, seed=prepared.request.seed)
+        activations = activation_scores(scored, teacher, batches)
+        del teacher
+    return choose(requests, prepared.score, get=ckpt.get, cfg=ckpt.config, activations=activations)
+
+
+def iter_target_tensors(
+    plan: Plan,
+    entries: list[PlanEntry],
+    load: Callable[[str], torch.Tensor],
+    selection: Selection,
+    default_state: dict[str, torch.Tensor] | None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Evaluate the planned tensors one at a time (the same `evaluate` the plan ran on meta tensors)."""
+    configs = {"source": plan.source.config, "target": plan.target.config}
+
+    def default(name: str) -> torch.Tensor:
+        if default_state is None:
+            raise RuntimeError("the plan has no default-initialised tensors")  # plan.needs_default_init said so
+        return default_state[name]
+
+    for entry in entries:
+        ops_ctx = OpContext(configs, plan.index_sets, lambda s, b: selection[s][b], entry.block)
+        ctx = EvalContext(_OncePerEntry(load), default, ops_ctx, meta=False)
+        tensor = evaluate(entry.node, ctx, Region(entry.name, entry.shape))
+        yield entry.name, tensor.to(DTYPES[entry.dtype]).contiguous()
+
+
+class _OncePerEntry:
+    """Source tensors read at most once while one target tensor is built (fc1 feeds both in_proj halves)."""
+
+    def __init__(self, load: Callable[[str], torch.Tensor]):
+        self._load = load
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self._cache:
+            self._cache[name] = self._load(name).float()
+        return self._cache[name]
+
+
+def build_metadata(prepared: Prepared, selection: Selection, source_sha256: str) -> dict[str, str]:
+    """The safetensors `__metadata__` (str -> str; JSON for structured values, keys sorted, nothing time-based)."""
+    plan, ckpt, request = prepared.plan, prepared.checkpoint, prepared.request
+
+    def dump(value: Any) -> str:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+    index_sets = {
+        name: {
+            "full": s.full,
+            "keep": s.keep,
+            "per": s.per,
+            "score": s.score,
+            "indices": {str(b): selection[name][b].tolist() for b in s.blocks},
+        }
+        for name, s in plan.index_sets.items()
+    }
+    return {
+        "format": "tmconvert",
+        "tmconvert_version": __version__,
+        "family": "vim",
+        "target": plan.target.name,
+        "target_config": dump(config_json(plan.target.config)),
+        "mapping": prepared.mapping.name,
+        "mapping_sha256": prepared.mapping.sha256,
+        "source": ckpt.path.name,
+        "source_sha256": source_sha256,
+        "source_format": ckpt.format,
+        "source_config": dump(config_json(ckpt.config)),
+        "options": dump({**plan.options, "calib": str(prepared.calib) if prepared.calib is not None else None}),
+        "seed": str(request.seed),
+        "layer_plan": dump([{"layer": j, "block": b} for j, b in enumerate(plan.layers.blocks)]),
+        "index_sets": dump(index_sets),
+        "counts": dump(plan.counts()),
+    }
+
+
+def execute(
+    prepared: Prepared,
+    *,
+    on_stage: Callable[[str], None] | None = None,
+    on_tensor: Callable[[str, int], None] | None = None,
+) -> ConversionResult:
+    """Run a prepared conversion; the output files appear only if everything succeeded."""
+    start = time.perf_counter()
+    stages: dict[str, float] = {}
+    plan, ckpt, request = prepared.plan, prepared.checkpoint, prepared.request
+
+    def stage(name: str) -> None:
+        stages[name] = time.perf_counter()
+        if on_stage is not None:
+            on_stage(name)
+
+    stage("hashing source")
+    source_sha256 = sha256_files(ckpt.files)
+    stage("choosing channels")
+    selection = choose_index_sets(prepared)
+    stage("initialising target")
+    default_state = None
+    if plan.needs_default_init:
+        default_state = VisionMamba(plan.target.config, seed=request.seed).state_dict()
+    metadata = build_metadata(prepared, selection, source_sha256)
+    stage("writing")
+    order = plan.write_order()
+    specs = [TensorSpec(e.name, e.shape, e.dtype) for e in order]
+    keep_for_pth: dict[str, torch.Tensor] | None = {} if prepared.paths.pth is not None else None
+    stream = iter_target_tensors(plan, order, ckpt.get, selection, default_state)
+    if keep_for_pth is not None:
+        stream = _tee(stream, keep_for_pth)
+    with atomic_files(prepared.paths.all(), overwrite=request.force) as files:
+        written = write_safetensors_stream(
+            files[prepared.paths.weights].file, specs, stream, metadata, on_tensor=on_tensor
+        )
+        write_json(files[prepared.paths.sidecar].file, _sidecar(metadata))
+        if keep_for_pth is not None:
+            state = {e.name: keep_for_pth[e.name] for e in plan.entries}
+            torch.save({"model": state}, files[prepared.paths.pth].file)
+    stage("done")
+    result = ConversionResult(
+        paths=prepared.paths,
+        plan=plan,
+        bytes_written=written,
+        source_sha256=source_sha256,
+        seconds=time.perf_counter() - start,
+        selection=selection,
+        metadata=metadata,
+        stage_seconds=_durations(stages),
+    )
+    if request.verify:
+        if on_stage is not None:
+            on_stage("verifying")
+        began = time.perf_counter()
+        result.verification = verify_conversion(result, prepared)
+        result.stage_seconds["verifying"] = time.perf_counter() - began
+    return result
+
+
+def verify_conversion(result: ConversionResult, prepared: Prepared) -> dict[str, Any]:
+    """THE verification hook: runs after every conversion unless --no-verify.
+
+    Structure first (the written file reloads into `VisionMamba` with strict keys and shapes; the `.pth` of
+    `--format vim` holds the same keys), then numbers (`converter.verify`): a forward on the calibration images (or
+    synthetic ones) on the best device, finite outputs, agreement of the scan backends usable there, per-layer cosine
+    to the teacher and top-1 agreement. A failed check raises `VerificationError`; the files stay for inspection.
+    """
+    cfg, state, _ = load_converted(result.paths.weights)
+    model = VisionMamba(cfg, device="meta")
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise TmconvertError(
+            f"{result.paths.weights}: does not load into VisionMamba "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    report: dict[str, Any] = {"keys": len(state), "strict_load": True}
+    if result.paths.pth is not None:
+        pth = torch.load(result.paths.pth, map_location="cpu", weights_only=True)
+        if set(pth.get("model", {})) != set(state):
+            raise TmconvertError(f"{result.paths.pth}: keys differ from {result.paths.weights}")
+        report["pth_keys"] = len(pth["model"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    numeric = verify_converted(
+        result.paths.weights,
+        teacher=prepared.checkpoint,
+        calib=prepared.calib if prepared.calib is not None else VERIFY_IMAGES,
+        seed=prepared.request.seed,
+        device=device,
+    )
+    report["numeric"] = numeric.to_json()
+    result.verify_report = numeric
+    if not numeric.ok:
+        raise VerificationError(
+            f"{result.paths.weights}: written, but verification failed: {'; '.join(numeric.problems)}"
+        )
+    return report
+
+
+def _tee(
+    stream: Iterator[tuple[str, torch.Tensor]], keep: dict[str, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in stream:
+        keep[name] = tensor.clone()
+        yield name, tensor
+
+
+def _sidecar(metadata: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in metadata.items():
+        try:
+            out[key] = json.loads(value) if value[:1] in "{[" else value
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _durations(marks: dict[str, float]) -> dict[str, float]:
+    names = list(marks)
+    return {names[i]: round(marks[names[i + 1]] - marks[names[i]], 4) for i in range(len(names) - 1)}
+
+
+def convert(request: ConvertRequest, **callbacks: Any) -> ConversionResult:
+    """`prepare` + `execute` in one call (library entry point)."""
+    prepared = prepare(request)
+    try:
+        return execute(prepared, **callbacks)
+    finally:
+        prepared.close()
+
+
+__all__ = [
+    "ConversionResult",
+    "ConvertRequest",
+    "Prepared",
+    "convert",
+    "execute",
+    "prepare",
+    "verify_conversion",
+]

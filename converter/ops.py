@@ -1,0 +1,287 @@
+"""The closed vocabulary of tensor operations a mapping file may use.
+
+Each op is a pure function of one tensor and concrete arguments, and works the same on `meta` tensors: `tmconvert
+check` and `--dry-run` propagate shapes by running exactly these functions on meta tensors, so a shape that checks
+is a shape that converts. `OPS` is the registry the mapping schema validates against; an op's YAML arguments are a
+small pydantic model whose values may be literals, references to the source / target configuration
+(``source.embed_dim``, ``target.grid``) or names of index sets, and `resolve` turns them into the concrete keyword
+arguments of the function (a plan does this once per target tensor).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tmconvert.models.vit import resample_abs_pos_embed
+
+# A configuration reference: `source.<field>` or `target.<field>`; resolved against the actual configs.
+REF_PATTERN = r"^(source|target)\.[a-z_][a-z0-9_]*$"
+
+
+class ResolveContext(Protocol):
+    """What an op needs from the plan to turn its YAML arguments into concrete values."""
+
+    def ref(self, value: Any) -> Any:
+        """A literal unchanged, or the value of a `source.x` / `target.x` reference."""
+
+    def index(self, set_name: str) -> torch.Tensor:
+        """The chosen (sorted) indices of a named index set, for the block being converted."""
+
+    def set_full(self, set_name: str) -> int:
+        """The width of the teacher axis a named index set chooses from."""
+
+    def set_ratio(self, set_name: str) -> float:
+        """full / kept width of a named index set."""
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    def resolve(self, ctx: ResolveContext) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+IntRef = int | str
+GridRef = tuple[int, int] | list[int] | int | str
+
+
+def _as_grid(value: Any, what: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return (int(value[0]), int(value[1]))
+    raise ValueError(f"{what} must be an int or a pair of ints, got {value!r}")
+
+
+def _as_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The functions: pure, tensor in, tensor out, meta-safe.
+
+
+def select(tensor: torch.Tensor, *, dim: int, index: torch.Tensor, full: int) -> torch.Tensor:
+    """Keep the entries at `index` (sorted, chosen by the subcloning engine) of a `full`-wide axis `dim`."""
+    if not -tensor.dim() <= dim < tensor.dim():
+        raise ValueError(f"dim {dim} out of range for a {tensor.dim()}-d tensor")
+    if tensor.shape[dim] != full:
+        raise ValueError(f"dim {dim} has {tensor.shape[dim]} entries but the index set chooses among {full}")
+    return tensor.index_select(dim, index.to(tensor.device) if tensor.device.type != "meta" else index)
+
+
+def split_qkv(tensor: torch.Tensor, *, part: int) -> torch.Tensor:
+    """One of the three row blocks of a fused timm `attn.qkv` weight (3D x D) or bias (3D): 0 = Q, 1 = K, 2 = V."""
+    if tensor.shape[0] % 3:
+        raise ValueError(f"a fused qkv tensor needs a first dim divisible by 3, got {tuple(tensor.shape)}")
+    rows = tensor.shape[0] // 3
+    return tensor.narrow(0, part * rows, rows)
+
+
+def transpose(tensor: torch.Tensor, *, dims: tuple[int, int]) -> torch.Tensor:
+    return tensor.transpose(*dims).contiguous()
+
+
+def move_token(tensor: torch.Tensor, *, src: int, dst: int | Literal["middle"], dim: int = 1) -> torch.Tensor:
+    """Move the token at `src` to `dst` along the token axis; `middle` is P // 2 with P the other tokens' count.
+
+    ViM inserts its cls token at index P // 2 of the patch sequence (after patch P//2 - 1); a DeiT position
+    embedding has it at index 0, so `move_token(src=0, dst=middle)` reorders `pos_embed` for ViM.
+    """
+    length = tensor.shape[dim]
+    src = src % length
+    dst = (length - 1) // 2 if dst == "middle" else dst % length
+    order = [i for i in range(length) if i != src]
+    order.insert(dst, src)
+    return tensor.index_select(dim, torch.tensor(order, dtype=torch.long))
+
+
+def keep_prefix(tensor: torch.Tensor, *, prefix: int, keep: int, dim: int = 1) -> torch.Tensor:
+    """Of `prefix` leading tokens keep the first `keep` (drops DeiT's dist slot: cls, dist, patches -> cls, patches)."""
+    if keep > prefix:
+        raise ValueError(f"cannot keep {keep} of {prefix} prefix tokens")
+    if tensor.shape[dim] < prefix:
+        raise ValueError(f"a sequence of {tensor.shape[dim]} tokens has no {prefix} prefix tokens")
+    return torch.cat([tensor.narrow(dim, 0, keep), tensor.narrow(dim, prefix, tensor.shape[dim] - prefix)], dim=dim)
+
+
+def resample_grid(
+    tensor: torch.Tensor, *, prefix: int, src_grid: tuple[int, int], dst_grid: tuple[int, int]
+) -> torch.Tensor:
+    """Resample a (1, prefix + H*W, C) position embedding to another patch grid (bicubic, antialiased, as timm)."""
+    expected = prefix + src_grid[0] * src_grid[1]
+    if tensor.dim() != 3 or tensor.shape[1] != expected:
+        raise ValueError(
+            f"resample_grid expects (1, {prefix} + {src_grid[0]}*{src_grid[1]}, C), got {tuple(tensor.shape)}"
+        )
+    return resample_abs_pos_embed(tensor, tuple(dst_grid), tuple(src_grid), num_prefix_tokens=prefix)
+
+
+def resample_kernel(tensor: torch.Tensor, *, size: tuple[int, int]) -> torch.Tensor:
+    """Resample a patch-embedding kernel (D, C, h, w) to (D, C, *size), preserving the patch projection.
+
+    FlexiViT's pseudo-inverse resize: with R the (bilinear, antialiased) resize of a patch from (h, w) to `size`,
+    the new kernel w' solves <x, w> = <R x, w'> in the least-squares sense, w' = pinv(R^T) w; an upsampled image
+    then yields the embedding the original kernel gave the original image.
+    """
+    if tensor.dim() != 4:
+        raise ValueError(f"resample_kernel expects a (D, C, h, w) kernel, got {tuple(tensor.shape)}")
+    old = (tensor.shape[-2], tensor.shape[-1])
+    if tuple(old) == tuple(size):
+        return tensor
+    if tensor.device.type == "meta":
+        return tensor.new_empty((*tensor.shape[:2], *size))
+    basis = torch.eye(old[0] * old[1], dtype=torch.float32).reshape(-1, 1, *old)
+    resize = F.interpolate(basis, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+    resize_matrix = resize.reshape(old[0] * old[1], -1).T  # (new_hw, old_hw): flattened patch -> resized patch
+    pinv = torch.linalg.pinv(resize_matrix.T.double()).float()  # (new_hw, old_hw)
+    flat = tensor.float().reshape(-1, old[0] * old[1])
+    return (flat @ pinv.T).reshape(*tensor.shape[:2], *size).to(tensor.dtype)
+
+
+def scale(tensor: torch.Tensor, *, factor: float) -> torch.Tensor:
+    return tensor * factor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The YAML arguments of each op.
+
+
+class SelectArgs(_Args):
+    dim: int
+    set: str = Field(description="name of an index set declared under `index_sets`")
+
+    def resolve(self, ctx: ResolveContext) -> dict[str, Any]:
+        return {"dim": self.dim, "index": ctx.index(self.set), "full": ctx.set_full(self.set)}
+
+
+class SplitQkvArgs(_Args):
+    part: Literal["q", "k", "v"]
+
+    def resolve(self, ctx: ResolveContext) -> dict[str, Any]:
+        return {"part": "qkv".index(self.part)}
+
+
+class TransposeArgs(_Args):
+    dims: tuple[int, int]
+
+    def resolve(self, ctx: ResolveContext) -> dict[str, Any]:
+        return {"dims": self.dims}
+
+
+class MoveTokenArgs(_Args):
+    src: int = Field(alias="from")
+    dst: IntRef = Field(alias="to", description="an index, `middle`, or a config reference")
+    dim: int = 1
+
+    def resolve(self, ctx: ResolveContext) -> dict[str, Any]:
+        dst = self.dst if self.dst == "middle" else _as_int(ctx.ref(self.dst), "move_token.to")
+        return {"src": self.src, "dst": dst, "dim": self.dim}
+
+
+class KeepPrefixArgs(_Args):
+    prefix: IntRef
+    keep: IntRef
+    dim: int = 1
+
+    def resolve(self, ctx: ResolveContext) -> dict[str, Any]:
+        return {
+            "prefix": _as_int(ctx.ref(self.prefix), "keep_prefix.prefix"),
+            "keep": _as_int(ctx.ref(self.keep), "keep_prefix.keep"),
+            "dim": self.dim,
+        }
+
+
+class ResampleGridArgs(_Args):
+    prefix: IntRef
+    src_grid: GridRef = Field(alias="from")
+    dst_grid: GridRef = Field(alias="to")
+
+    def resolve(self, ctx: ResolveContext) -> dict[str, Any]:
+        return {
+            "prefix": _as_int(ctx.ref(self.prefix), "resample_grid.prefix"),
+            "src_grid": _as_grid(ctx.ref(self.src_grid), "resample_grid.from"),
+            "dst_grid": _as_grid(ctx.ref(self.dst_grid), "resample_grid.to"),
+        }
+
+
+class ResampleKernelArgs(_Args):
+    size: GridRef = Field(alias="to")
+
+    def resolve(self, ctx: ResolveContext) -> dict[str, Any]:
+        return {"size": _as_grid(ctx.ref(self.size), "resample_kernel.to")}
+
+
+class ScaleArgs(_Args):
+    factor: float | None = None
+    sqrt_ratio: str | None = Field(default=None, description="index set name: multiply by sqrt(full / kept)")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ScaleArgs:
+        if (self.factor is None) == (self.sqrt_ratio is None):
+            raise ValueError("scale takes either a number or {sqrt_ratio: <index set>}")
+        return self
+
+    def resolve(self, ctx: ResolveContext) -> dict[str, Any]:
+        if self.factor is not None:
+            return {"factor": float(self.factor)}
+        return {"factor": math.sqrt(ctx.set_ratio(self.sqrt_ratio))}
+
+    @field_validator("factor")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("scale factor must be finite")
+        return value
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op of the vocabulary: its YAML arguments, its function, and how the plan classifies its effect."""
+
+    name: str
+    args: type[_Args]
+    fn: Callable[..., torch.Tensor]
+    shorthand: str | None  # `op: value` fills this argument (e.g. `split_qkv: v`, `scale: 0.5`)
+    summary: str
+
+
+OPS: dict[str, OpSpec] = {
+    spec.name: spec
+    for spec in (
+        OpSpec("select", SelectArgs, select, None, "keep the entries of a named index set along a dim"),
+        OpSpec("split_qkv", SplitQkvArgs, split_qkv, "part", "Q, K or V rows of a fused qkv tensor"),
+        OpSpec("transpose", TransposeArgs, transpose, "dims", "swap two dims"),
+        OpSpec("move_token", MoveTokenArgs, move_token, None, "move one token position (cls to the middle)"),
+        OpSpec("keep_prefix", KeepPrefixArgs, keep_prefix, None, "drop trailing prefix tokens (dist)"),
+        OpSpec("resample_grid", ResampleGridArgs, resample_grid, None, "resample a position grid"),
+        OpSpec("resample_kernel", ResampleKernelArgs, resample_kernel, "size", "resample a patch kernel"),
+        OpSpec("scale", ScaleArgs, scale, "factor", "multiply by a number or sqrt(full/kept) of a set"),
+    )
+}
+
+
+def parse_op(raw: Any) -> tuple[OpSpec, _Args]:
+    """Validate one YAML op (a one-key mapping `{name: args}`); raises ValueError with a readable message."""
+    if not isinstance(raw, dict) or len(raw) != 1:
+        raise ValueError(f"an op is a one-key mapping like {{select: {{dim: 0, set: residual}}}}, got {raw!r}")
+    ((name, args),) = raw.items()
+    spec = OPS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown op {name!r}; the vocabulary is: {', '.join(OPS)}")
+    if not isinstance(args, dict):
+        if spec.shorthand is None:
+            raise ValueError(f"op {name!r} needs a mapping of arguments, got {args!r}")
+        field = spec.args.model_fields[spec.shorthand]
+        args = {field.alias or spec.shorthand: args}
+    return spec, spec.args.model_validate(args)
+

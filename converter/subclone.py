@@ -1,0 +1,252 @@
+"""Selective weight subcloning: rank the teacher's channels and choose which ones a narrower student keeps.
+
+A mapping names its index sets (`residual`: which D_student of the D_teacher residual channels, one set for the whole
+model so adjacent layers stay connected; `hidden`: which MLP hidden units, one set per teacher block) and says which
+teacher signal ranks them. This module computes the scores and turns them into sorted index tensors:
+
+- `activation` (Samragh et al. 2023): mean |activation| over calibration images and tokens. `residual`: every
+  block's output tokens; `mlp_hidden`: GELU(fc1) outputs (a forward hook on `mlp.fc1`); `attn_value`: the value
+  vectors of the attention.
+- `magnitude` (no data, the default): weight norms of what reads and writes the channel. `residual` channel c:
+  sum over blocks of |norm1.w[c]|*||qkv[:, c]|| + |norm2.w[c]|*||fc1[:, c]|| + ||proj[c, :]|| + ||fc2[c, :]||,
+  plus ||patch_embed[c]||; hidden unit u: ||fc1[u, :]|| * ||fc2[:, u]||; value channel v: ||V[v, :]|| * ||proj[:, v]||.
+- `uniform` (weight selection, Xu et al. 2024): evenly spaced indices, no scores at all.
+
+Selection keeps the `keep` highest scores, ties broken by the lower index, and returns them sorted; keeping every
+channel is the identity selection whatever the scores. Everything is deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tmconvert.converter.errors import TmconvertError
+from tmconvert.models.vit import VisionTransformer, ViTConfig
+
+SCORE_METHODS = ("magnitude", "activation", "uniform")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+CALIB_BATCH = 16
+
+
+class CalibrationError(TmconvertError):
+    """Calibration images cannot be read, or the calibration option is malformed."""
+
+
+@dataclass(frozen=True)
+class SetRequest:
+    """One index set to choose: `keep` of `full` entries, ranked by `signal`, for each block in `blocks`.
+
+    `blocks` is `(None,)` for a model-wide set (residual stream) and the teacher block indices for per-block sets.
+    """
+
+    name: str
+    signal: str  # residual | mlp_hidden | attn_value
+    full: int
+    keep: int
+    blocks: tuple[int | None, ...]
+
+
+Selection = dict[str, dict[int | None, torch.Tensor]]
+TensorGetter = Callable[[str], torch.Tensor]
+
+
+def top_k_sorted(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the `keep` largest scores (ties: lower index first), returned in increasing order."""
+    if keep >= scores.numel():
+        return torch.arange(scores.numel(), dtype=torch.long)
+    order = torch.sort(scores.double(), descending=True, stable=True).indices
+    return torch.sort(order[:keep]).values.to(torch.long)
+
+
+def uniform_indices(full: int, keep: int) -> torch.Tensor:
+    """Evenly spaced indices floor(i * full / keep), i < keep: distinct, sorted, spanning the whole axis."""
+    return torch.div(torch.arange(keep, dtype=torch.long) * full, keep, rounding_mode="floor")
+
+
+def _col_norms(weight: torch.Tensor) -> torch.Tensor:
+    return weight.float().norm(dim=0)
+
+
+def _row_norms(weight: torch.Tensor) -> torch.Tensor:
+    return weight.float().norm(dim=1)
+
+
+def magnitude_scores(request: SetRequest, block: int | None, get: TensorGetter, cfg: ViTConfig) -> torch.Tensor:
+    """Data-free importance of every entry of one set (see the module docstring for the formulas)."""
+    d = cfg.embed_dim
+    if request.signal == "residual":
+        score = _row_norms(get("patch_embed.proj.weight").reshape(d, -1))
+        for b in range(cfg.depth):
+            pre = f"blocks.{b}."
+            score += get(pre + "norm1.weight").float().abs() * _col_norms(get(pre + "attn.qkv.weight"))
+            score += get(pre + "norm2.weight").float().abs() * _col_norms(get(pre + "mlp.fc1.weight"))
+            score += _row_norms(get(pre + "attn.proj.weight")) + _row_norms(get(pre + "mlp.fc2.weight"))
+        return score
+    pre = f"blocks.{block}."
+    if request.signal == "mlp_hidden":
+        return _row_norms(get(pre + "mlp.fc1.weight")) * _col_norms(get(pre + "mlp.fc2.weight"))
+    if request.signal == "attn_value":
+        value_rows = get(pre + "attn.qkv.weight")[2 * d : 3 * d]
+        return _row_norms(value_rows) * _col_norms(get(pre + "attn.proj.weight"))
+    raise ValueError(f"unknown score signal {request.signal!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Calibration data
+
+
+def parse_calib(value: str | None) -> str | int | None:
+    """`--calib DIR` (a folder of images) or `--calib N` (N synthetic images); None when not given."""
+    if value is None:
+        return None
+    if value.isdigit():
+        count = int(value)
+        if count <= 0:
+            raise CalibrationError(f"--calib {value}: need at least one synthetic image")
+        return count
+    folder = Path(value)
+    if not folder.is_dir():
+        raise CalibrationError(f"--calib {value}: not a folder of images and not a number of synthetic images")
+    return str(folder)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise CalibrationError(f"--calib {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+    return files
+
+
+def _load_image(path: Path, cfg: ViTConfig) -> torch.Tensor:
+    """One image as the teacher sees it: resized to its input size, scaled to [0, 1], ImageNet-normalised.
+
+    Grey images become 3 channels for an RGB teacher; a 1-channel teacher gets luminance with the mean of the
+    ImageNet statistics.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if cfg.in_chans == 1 else "RGB")
+            img = img.resize((cfg.img_size[1], cfg.img_size[0]), Image.Resampling.BICUBIC)
+            data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise CalibrationError(f"{path}: cannot read image ({exc})") from None
+    chans = 1 if cfg.in_chans == 1 else 3
+    x = data.reshape(cfg.img_size[0], cfg.img_size[1], chans).permute(2, 0, 1).float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN if chans == 3 else (sum(IMAGENET_MEAN) / 3,)).view(-1, 1, 1)
+    std = torch.tensor(IMAGENET_STD if chans == 3 else (sum(IMAGENET_STD) / 3,)).view(-1, 1, 1)
+    return (x - mean) / std
+
+
+def calibration_batches(calib: str | int, cfg: ViTConfig, *, seed: int) -> Iterator[torch.Tensor]:
+    """Batches of normalised images: the folder's images in sorted order, or seeded N(0, 1) noise images."""
+    if isinstance(calib, int):
+        gen = torch.Generator().manual_seed(seed)
+        for start in range(0, calib, CALIB_BATCH):
+            n = min(CALIB_BATCH, calib - start)
+            yield torch.randn(n, cfg.in_chans, *cfg.img_size, generator=gen)
+        return
+    files = _image_files(Path(calib))
+    for start in range(0, len(files), CALIB_BATCH):
+        yield torch.stack([_load_image(p, cfg) for p in files[start : start + CALIB_BATCH]])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Activation scores
+
+
+@torch.no_grad()
+def activation_scores(
+    requests: Sequence[SetRequest], teacher: VisionTransformer, batches: Iterator[torch.Tensor]
+) -> dict[tuple[str, int | None], torch.Tensor]:
+    """Mean |activation| per entry for every (set, block) requested, from one teacher pass per batch."""
+    cfg = teacher.cfg
+    want_hidden = {b for r in requests if r.signal == "mlp_hidden" for b in r.blocks}
+    want_value = any(r.signal == "attn_value" for r in requests)
+    sums: dict[tuple[str, int | None], torch.Tensor] = {}
+    count = 0
+
+    def accumulate(key: tuple[str, int | None], values: torch.Tensor) -> None:
+        total = values.abs().double().sum(dim=tuple(range(values.dim() - 1)))
+        sums[key] = sums[key] + total if key in sums else total
+
+    hooks = []
+    for b in sorted(x for x in want_hidden if x is not None):
+        hooks.append(
+            teacher.blocks[b].mlp.fc1.register_forward_hook(
+                lambda _m, _i, out, b=b: accumulate(("mlp_hidden", b), F.gelu(out))
+            )
+        )
+    try:
+        teacher.eval()
+        for images in batches:
+            out = teacher.forward_all(images.float(), return_qkv=want_value)
+            count += images.shape[0] * out.layer_tokens[0].shape[1]
+            for tokens in out.layer_tokens:
+                accumulate(("residual", None), tokens)
+            if want_value:
+                for b, (_q, _k, v) in enumerate(out.qkv):
+                    accumulate(("attn_value", b), v.transpose(1, 2).reshape(v.shape[0], v.shape[2], -1))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if count == 0:
+        raise CalibrationError("calibration produced no images")
+    scores = {key: (total / count).float() for key, total in sums.items()}
+    scores[("residual", None)] = scores[("residual", None)] / cfg.depth
+    return scores
+
+
+def build_teacher(cfg: ViTConfig, get: TensorGetter, names: Sequence[str]) -> VisionTransformer:
+    """The teacher model with the checkpoint's weights (fp32), for activation scoring."""
+    teacher = VisionTransformer(cfg, device="meta")
+    state = {name: get(name).float() for name in names}
+    try:
+        teacher.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise TmconvertError(f"cannot build the teacher for activation scoring: {first}") from None
+    return teacher
+
+
+def choose(
+    requests: Sequence[SetRequest],
+    method: str,
+    *,
+    get: TensorGetter,
+    cfg: ViTConfig,
+    activations: dict[tuple[str, int | None], torch.Tensor] | None = None,
+) -> Selection:
+    """The index tensors of every requested set and block, by the given scoring method."""
+    if method not in SCORE_METHODS:
+        raise ValueError(f"unknown score method {method!r}")
+    selection: Selection = {}
+    for request in requests:
+        per_block: dict[int | None, torch.Tensor] = {}
+        for block in request.blocks:
+            if request.keep >= request.full:
+                per_block[block] = torch.arange(request.full, dtype=torch.long)
+            elif method == "uniform":
+                per_block[block] = uniform_indices(request.full, request.keep)
+            else:
+                if method == "activation":
+                    assert activations is not None
+                    scores = activations[(request.signal, block)]
+                else:
+                    scores = magnitude_scores(request, block, get, cfg)
+                if scores.numel() != request.full:
+                    raise TmconvertError(
+                        f"index set {request.name!r}: {scores.numel()} scores for {request.full} entries"
+                    )
+                per_block[block] = top_k_sorted(scores, request.keep)
+        selection[request.name] = per_block
+    return selection
+
