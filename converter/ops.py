@@ -10,8 +10,9 @@ arguments of the function (a plan does this once per target tensor).
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -105,13 +106,36 @@ def move_token(tensor: torch.Tensor, *, src: int, dst: int | Literal["middle"], 
     return tensor.index_select(dim, torch.tensor(order, dtype=torch.long))
 
 
+def concat(pieces: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """`torch.cat` that costs the same on `meta` tensors as on real ones.
+
+    Plans run every op on meta tensors, and `torch.cat` there goes through a Python decomposition that imports
+    `torch._dynamo` (about a second). Allocating the result and copying the pieces in avoids it.
+    """
+    first = pieces[0]
+    dim = dim % first.dim()
+    for piece in pieces[1:]:
+        if piece.dim() != first.dim() or any(piece.shape[d] != first.shape[d] for d in range(first.dim()) if d != dim):
+            shapes = ", ".join(str(tuple(p.shape)) for p in pieces)
+            raise RuntimeError(f"cannot concatenate {shapes} along dim {dim}")
+    dtype = functools.reduce(torch.promote_types, (p.dtype for p in pieces))
+    shape = list(first.shape)
+    shape[dim] = sum(p.shape[dim] for p in pieces)
+    out = torch.empty(shape, dtype=dtype, device=first.device)
+    offset = 0
+    for piece in pieces:
+        out.narrow(dim, offset, piece.shape[dim]).copy_(piece)
+        offset += piece.shape[dim]
+    return out
+
+
 def keep_prefix(tensor: torch.Tensor, *, prefix: int, keep: int, dim: int = 1) -> torch.Tensor:
     """Of `prefix` leading tokens keep the first `keep` (drops DeiT's dist slot: cls, dist, patches -> cls, patches)."""
     if keep > prefix:
         raise ValueError(f"cannot keep {keep} of {prefix} prefix tokens")
     if tensor.shape[dim] < prefix:
         raise ValueError(f"a sequence of {tensor.shape[dim]} tokens has no {prefix} prefix tokens")
-    return torch.cat([tensor.narrow(dim, 0, keep), tensor.narrow(dim, prefix, tensor.shape[dim] - prefix)], dim=dim)
+    return concat([tensor.narrow(dim, 0, keep), tensor.narrow(dim, prefix, tensor.shape[dim] - prefix)], dim=dim)
 
 
 def resample_grid(
@@ -149,7 +173,8 @@ def resample_kernel(tensor: torch.Tensor, *, size: tuple[int, int]) -> torch.Ten
 
 
 def scale(tensor: torch.Tensor, *, factor: float) -> torch.Tensor:
-    return tensor * factor
+    # clone + in-place multiply: the out-of-place `tensor * factor` on meta tensors (plans) imports torch._dynamo
+    return tensor.clone().mul_(factor)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from tmconvert.converter.mapping import (
     is_ref,
     iter_exprs,
 )
+from tmconvert.converter.ops import concat
 from tmconvert.converter.subclone import SetRequest
 from tmconvert.models.registry import family_of, get_config
 from tmconvert.models.vim import VimConfig, VisionMamba
@@ -395,7 +396,7 @@ def _evaluate_concat(node: ConcatNode, ctx: EvalContext, region: Region) -> torc
         pieces.append(evaluated[i] if i in evaluated else evaluate(part, ctx, region.narrow(dim, offset, size)))
         offset += size
     try:
-        return torch.cat(pieces, dim=dim)
+        return concat(pieces, dim=dim)
     except RuntimeError:
         shapes = ", ".join(str(tuple(p.shape)) for p in pieces)
         raise PlanError(f"{node.path}.concat", f"parts {shapes} do not fit together along dim {dim}") from None
