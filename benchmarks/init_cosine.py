@@ -112,7 +112,7 @@ def main() -> None:
                                            layers=ckpt.config.depth, score=score, seed=args.seed, out=out,
                                            calib=str(calib_dir) if score == "activation" else None, verify=False))
                     rep = verify_converted(out, teacher=ckpt, calib=str(eval_dir), device=device,
-                                           backends=["reference"] if device.type == "cpu" else None)
+                                           max_images=args.images, backends=["reference"])
                     inherited = [s.cosine for s in rep.layers if s.block is not None]
                     rows.append({"pair": f"{teacher_name}->{target}", "mapping": mapping, "score": score,
                                  "mean_cos": sum(inherited) / len(inherited), "first": inherited[0],
