@@ -201,19 +201,24 @@ def _run_cuda(
     return result.flip(-1)
 
 
-def _backend_for_call(device: torch.device, requested: str | None, cuda_unsupported: Callable[[], str | None]) -> str:
-    """`resolve_backend`, then step down from `cuda` when mamba-ssm's kernel would reject this particular call.
+def _backend_for_call(
+    device: torch.device, dtype: torch.dtype, requested: str | None, cuda_unsupported: Callable[[], str | None]
+) -> str:
+    """`resolve_backend`, then step down when the chosen kernel would reject this particular call.
 
-    An explicitly requested `cuda` that cannot run the call is an error; an automatic one falls back to triton, else
-    reference.
+    mamba-ssm's kernel has its own limits (`cuda_unsupported`); both compiled kernels take fp32/fp16/bf16 only, so an
+    automatic choice sends float64 calls to `reference`. An explicitly requested `cuda` that cannot run the call is an
+    error (the Triton kernel raises its own).
     """
     name = resolve_backend(device, requested)
+    explicit, source = _requested_backend(requested)
+    if explicit is None and dtype not in _CUDA_INPUT_DTYPES:
+        return "reference"
     if name != "cuda":
         return name
     reason = cuda_unsupported()
     if reason is None:
         return name
-    explicit, source = _requested_backend(requested)
     if explicit is not None:
         raise ConfigError(f"selective-scan backend 'cuda' ({source}) cannot run this call: {reason}")
     return "triton" if _unavailable_reason("triton", device) is None else "reference"
@@ -237,7 +242,7 @@ def selective_scan(
     """mamba-ssm's `selective_scan_fn` (plus `reverse`) on the chosen backend; see the module docstring."""
     validate_scan_args(u, delta, A, B, C, D, z, delta_bias)
     args = (u, delta, A, B, C, D, z, delta_bias)
-    name = _backend_for_call(u.device, backend, lambda: _cuda_unsupported_reason(*args))
+    name = _backend_for_call(u.device, u.dtype, backend, lambda: _cuda_unsupported_reason(*args))
     if name == "cuda":
         return _run_cuda(_load_cuda(), *args, delta_softplus, return_last_state, reverse)
     scan_fn = _load_triton() if name == "triton" else selective_scan_ref

@@ -172,10 +172,10 @@ def test_cuda_support_rules() -> None:
 @pytest.mark.parametrize(("triton", "fallback"), [(True, "triton"), (False, "reference")])
 def test_automatic_steps_down_from_cuda_for_unsupported_calls(backends, triton: bool, fallback: str) -> None:
     backends(triton=triton, cuda=True)
-    assert dispatch._backend_for_call(CUDA, None, lambda: None) == "cuda"
-    assert dispatch._backend_for_call(CUDA, None, lambda: "state size N=300 exceeds 256") == fallback
+    assert dispatch._backend_for_call(CUDA, torch.float32, None, lambda: None) == "cuda"
+    assert dispatch._backend_for_call(CUDA, torch.float32, None, lambda: "state size N=300 exceeds 256") == fallback
     with pytest.raises(ConfigError, match=r"'cuda' .*cannot run this call: state size N=300"):
-        dispatch._backend_for_call(CUDA, "cuda", lambda: "state size N=300 exceeds 256")
+        dispatch._backend_for_call(CUDA, torch.float32, "cuda", lambda: "state size N=300 exceeds 256")
 
 
 @pytest.mark.parametrize("return_last_state", [False, True])
@@ -230,3 +230,23 @@ def test_use_backend_scopes_calls_without_an_explicit_backend(monkeypatch) -> No
     with use_backend("nonsense"), pytest.raises(ConfigError, match="use_backend"):
         resolve_backend(cpu)
     assert available_backends(cpu)[0] == "reference"
+
+
+def test_automatic_choice_sends_float64_calls_to_reference(monkeypatch) -> None:
+    calls = []
+
+    def fake_triton(*args, **kwargs):
+        calls.append("triton")
+        return selective_scan_ref(*args, **kwargs)
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("TMCONVERT_SCAN_BACKEND", raising=False)
+    monkeypatch.setattr(dispatch, "_load_triton", lambda: fake_triton)
+    monkeypatch.setattr(dispatch, "_automatic", lambda device: "triton")  # as on a GPU without mamba-ssm
+    u = torch.randn(1, 2, 5, dtype=torch.float64)
+    A = -torch.rand(2, 3, dtype=torch.float64)
+    B, C = torch.randn(1, 3, 5, dtype=torch.float64), torch.randn(1, 3, 5, dtype=torch.float64)
+    selective_scan(u, torch.rand_like(u), A, B, C)
+    assert calls == []
+    selective_scan(u.float(), torch.rand_like(u).float(), A.float(), B.float(), C.float())
+    assert calls == ["triton"]
