@@ -20,11 +20,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from tmconvert.converter.data import IMAGENET_MEAN, IMAGENET_STD, grey_batch_to_input
 from tmconvert.converter.datasets import load_fashion_mnist
 from tmconvert.models.vit import VisionTransformer, ViTConfig
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # DeiT-T/S/B widths at Fashion-MNIST's native 28 px with patch 4 (a 7x7 grid, 50 tokens).
 ARCHS = {
@@ -32,14 +30,6 @@ ARCHS = {
                     num_classes=10)
     for name, d in (("t", 192), ("s", 384), ("b", 768))
 }
-
-
-def to_input(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 28, 28) grey → float (N, 3, 28, 28), ImageNet-normalised (what the teacher expects)."""
-    x = images_u8.float().div_(255).unsqueeze(1).expand(-1, 3, -1, -1)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 def augment(images_u8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -61,7 +51,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     correct = 0
     for i in range(0, len(labels), batch):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.is_cuda):
-            logits = model(to_input(images[i:i + batch]))
+            logits = model(grey_batch_to_input(images[i:i + batch]))
         correct += (logits.argmax(-1) == labels[i:i + batch]).sum().item()
     return correct / len(labels)
 
@@ -134,7 +124,7 @@ def main() -> None:
         perm = torch.randperm(len(ytr), device=device, generator=gen)
         for i in range(steps_per_epoch):
             idx = perm[i * args.batch:(i + 1) * args.batch]
-            x = to_input(augment(xtr[idx], gen))
+            x = grey_batch_to_input(augment(xtr[idx], gen))
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):

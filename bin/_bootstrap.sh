@@ -57,3 +57,18 @@ tm_bootstrap() {
     echo "$want" >"$stamp"
     tm_say "ready: $TM_VENV"
 }
+
+# Tests and the experiments read real Fashion-MNIST images from Debian's `dataset-fashion-mnist` (31 MB, MIT).
+tm_ensure_fashion_mnist() {
+    local dir="${TMCONVERT_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}"
+    [ -f "$dir/t10k-images-idx3-ubyte.gz" ] || [ -f "$dir/t10k-images-idx3-ubyte" ] && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        tm_say "installing Debian's dataset-fashion-mnist (31 MB, used by tests that need real images)"
+        { apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 ||
+          { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; }; } ||
+            tm_say "warning: could not install dataset-fashion-mnist; tests reading Fashion-MNIST will fail"
+    else
+        tm_say "warning: Fashion-MNIST not found in $dir: install Debian's dataset-fashion-mnist or set" \
+            "TMCONVERT_FASHION_MNIST to a folder with its IDX files; tests reading it will fail"
+    fi
+}

@@ -29,3 +29,11 @@ class MappingError(TmconvertError):
 
 class OutputError(TmconvertError):
     """An output path cannot be written (missing folder, read-only, exists without --force)."""
+
+
+class RecipeError(TmconvertError):
+    """A distillation recipe (YAML file or command-line override) is invalid."""
+
+
+class RunError(TmconvertError):
+    """A distillation run cannot start or continue: inputs that do not fit, a run folder in use, a foreign resume."""

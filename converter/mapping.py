@@ -31,6 +31,7 @@ from pydantic import (
 
 from tmconvert.converter import ops as ops_mod
 from tmconvert.converter.errors import MappingError
+from tmconvert.converter.yamlfile import read_yaml
 
 FORMAT_VERSION = 1
 INITIALISERS = ("default", "zeros", "ones", "conv_identity")
@@ -346,22 +347,6 @@ def _split_simple(text: str) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _line_map(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int], dups: list[str]) -> None:
-    out[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key_node, value_node in node.value:
-            key = key_node.value
-            if key in seen:
-                dups.append(f"{format_yaml_path((*path, key))} (line {key_node.start_mark.line + 1})")
-            seen.add(key)
-            out[(*path, key)] = key_node.start_mark.line + 1
-            _line_map(value_node, (*path, key), out, dups)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _line_map(item, (*path, i), out, dups)
-
-
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     """Drop pydantic's internal `expr` level and union tags so a loc reads like the YAML path."""
     out: list[Any] = []
@@ -378,25 +363,9 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def load_mapping(path: str | Path) -> LoadedMapping:
     """Read and validate one mapping file; every schema problem is reported in one MappingError (one per line)."""
-    path = Path(path)
-    try:
-        raw_bytes = path.read_bytes()
-    except FileNotFoundError:
-        raise MappingError(f"{path}: no such mapping file") from None
-    except OSError as exc:
-        raise MappingError(f"{path}: cannot read ({exc.strerror})") from None
-    text = raw_bytes.decode("utf-8", errors="replace")
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise MappingError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
-    lines: dict[tuple[Any, ...], int] = {}
-    dups: list[str] = []
-    if node is not None:
-        _line_map(node, (), lines, dups)
+    doc = read_yaml(path, MappingError, "mapping")
+    path, data, raw_bytes, lines = doc.path, doc.data, doc.raw, doc.lines
+    dups = [f"{format_yaml_path(loc)} (line {line})" for loc, line in doc.duplicates]
     loaded_partial = LoadedMapping(mapping=None, path=path, sha256="", lines=lines)  # type: ignore[arg-type]
     problems = [f"{path}: duplicate key {d}" for d in dups]
     if not isinstance(data, dict):

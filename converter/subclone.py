@@ -20,19 +20,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from tmconvert.converter.data import ImageDataset, InputSpec, Preprocess, eval_batches, open_source
 from tmconvert.converter.errors import TmconvertError
 from tmconvert.models.vit import VisionTransformer, ViTConfig
 
 SCORE_METHODS = ("magnitude", "activation", "uniform")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 CALIB_BATCH = 16
+CALIB_LIMIT = 512  # images read from a calibration source at most
 
 
 class CalibrationError(TmconvertError):
@@ -103,7 +101,11 @@ def magnitude_scores(request: SetRequest, block: int | None, get: TensorGetter, 
 
 
 def parse_calib(value: str | None) -> str | int | None:
-    """`--calib DIR` (a folder of images) or `--calib N` (N synthetic images); None when not given."""
+    """`--calib` → None (not given), N (N seeded N(0, 1) noise images) or a data spec as `--data` takes it: a folder
+    of images (class subfolders or flat), `fashion-mnist[:ROOT]` (its training split) or `synthetic:N`.
+
+    A data spec is opened once here, so a missing or empty source fails before any work starts.
+    """
     if value is None:
         return None
     if value.isdigit():
@@ -111,52 +113,25 @@ def parse_calib(value: str | None) -> str | int | None:
         if count <= 0:
             raise CalibrationError(f"--calib {value}: need at least one synthetic image")
         return count
-    folder = Path(value)
-    if not folder.is_dir():
-        raise CalibrationError(f"--calib {value}: not a folder of images and not a number of synthetic images")
-    return str(folder)
+    open_source(value)
+    return value
 
 
-def _image_files(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise CalibrationError(f"--calib {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
-    return files
-
-
-def _load_image(path: Path, cfg: ViTConfig) -> torch.Tensor:
-    """One image as the teacher sees it: resized to its input size, scaled to [0, 1], ImageNet-normalised.
-
-    Grey images become 3 channels for an RGB teacher; a 1-channel teacher gets luminance with the mean of the
-    ImageNet statistics.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if cfg.in_chans == 1 else "RGB")
-            img = img.resize((cfg.img_size[1], cfg.img_size[0]), Image.Resampling.BICUBIC)
-            data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    except (OSError, UnidentifiedImageError) as exc:
-        raise CalibrationError(f"{path}: cannot read image ({exc})") from None
-    chans = 1 if cfg.in_chans == 1 else 3
-    x = data.reshape(cfg.img_size[0], cfg.img_size[1], chans).permute(2, 0, 1).float() / 255.0
-    mean = torch.tensor(IMAGENET_MEAN if chans == 3 else (sum(IMAGENET_MEAN) / 3,)).view(-1, 1, 1)
-    std = torch.tensor(IMAGENET_STD if chans == 3 else (sum(IMAGENET_STD) / 3,)).view(-1, 1, 1)
-    return (x - mean) / std
-
-
-def calibration_batches(calib: str | int, cfg: ViTConfig, *, seed: int) -> Iterator[torch.Tensor]:
-    """Batches of normalised images: the folder's images in sorted order, or seeded N(0, 1) noise images."""
+def calibration_batches(
+    calib: str | int, cfg: ViTConfig, *, seed: int, limit: int = CALIB_LIMIT
+) -> Iterator[torch.Tensor]:
+    """Batches of images as the teacher sees them (resized, ImageNet-normalised; `converter.data`'s evaluation
+    preprocessing): the first `limit` images of the source in its order, or seeded N(0, 1) noise images."""
     if isinstance(calib, int):
         gen = torch.Generator().manual_seed(seed)
         for start in range(0, calib, CALIB_BATCH):
             n = min(CALIB_BATCH, calib - start)
             yield torch.randn(n, cfg.in_chans, *cfg.img_size, generator=gen)
         return
-    files = _image_files(Path(calib))
-    for start in range(0, len(files), CALIB_BATCH):
-        yield torch.stack([_load_image(p, cfg) for p in files[start : start + CALIB_BATCH]])
+    source = open_source(calib, img_size=cfg.img_size)
+    dataset = ImageDataset(source, Preprocess(InputSpec.for_model(cfg.img_size, cfg.in_chans), train=False))
+    for images, _ in eval_batches(dataset, batch_size=CALIB_BATCH, limit=limit):
+        yield images
 
 
 # ---------------------------------------------------------------------------------------------------------------

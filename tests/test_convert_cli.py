@@ -189,7 +189,7 @@ def test_bad_options(tmp_path, src, capsys):
     _expect_error(capsys, tmp_path, str(src), "--to", TARGET, "--out", out, "--score", "activation",
                   match="needs calibration images")  # fmt: skip
     _expect_error(capsys, tmp_path, str(src), "--to", TARGET, "--out", out, "--calib", str(tmp_path / "none"),
-                  match="not a folder of images")  # fmt: skip
+                  match="none: no such data folder")  # fmt: skip
     _expect_error(capsys, tmp_path, str(src), "--to", TARGET, "--out", out, "--mapping", "nope",
                   match="unknown mapping 'nope'")  # fmt: skip
     _expect_error(capsys, tmp_path, str(tmp_path / "missing.pth"), "--to", TARGET, "--out", out,

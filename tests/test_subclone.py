@@ -8,9 +8,8 @@ import torch
 from PIL import Image
 
 from tests._ckpt_factory import SMALL, make_vit_state_dict
+from tmconvert.converter.data import IMAGENET_MEAN, IMAGENET_STD, DatasetError
 from tmconvert.converter.subclone import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     CalibrationError,
     SetRequest,
     activation_scores,
@@ -124,9 +123,9 @@ def test_identity_selection_when_nothing_shrinks():
 
 def test_calibration_folder_and_synthetic(tmp_path):
     folder = tmp_path / "calib"
-    (folder / "sub").mkdir(parents=True)
+    folder.mkdir()
     Image.new("RGB", (40, 30), (255, 0, 0)).save(folder / "a.png")
-    Image.new("L", (20, 20), 128).save(folder / "sub" / "b.jpg")  # grey: becomes 3 channels
+    Image.new("L", (20, 20), 128).save(folder / "b.jpg")  # grey: becomes 3 channels
     (folder / "notes.txt").write_text("not an image")
     assert parse_calib(str(folder)) == str(folder) and parse_calib("5") == 5 and parse_calib(None) is None
     (batch,) = list(calibration_batches(str(folder), SMALL, seed=0))
@@ -143,16 +142,16 @@ def test_calibration_folder_and_synthetic(tmp_path):
 
 
 def test_calibration_errors(tmp_path):
-    with pytest.raises(CalibrationError, match="not a folder of images"):
+    with pytest.raises(DatasetError, match="no such data folder"):
         parse_calib(str(tmp_path / "missing"))
     with pytest.raises(CalibrationError, match="at least one"):
         parse_calib("0")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(CalibrationError, match="no images"):
+    with pytest.raises(DatasetError, match="no images"):
         list(calibration_batches(str(empty), SMALL, seed=0))
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "x.png").write_bytes(np.arange(10, dtype=np.uint8).tobytes())
-    with pytest.raises(CalibrationError, match=r"x\.png: cannot read image"):
+    with pytest.raises(DatasetError, match=r"x\.png: cannot read image"):
         list(calibration_batches(str(broken), SMALL, seed=0))

@@ -19,6 +19,8 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 from tmconvert.converter import __version__
 from tmconvert.converter.cli import check as check_cmd
 from tmconvert.converter.cli import convert as convert_cmd
+from tmconvert.converter.cli import distill as distill_cmd
+from tmconvert.converter.cli import eval as eval_cmd
 from tmconvert.converter.cli import inspect as inspect_cmd
 from tmconvert.converter.cli import listing as list_cmd
 from tmconvert.converter.cli import verify as verify_cmd
@@ -38,6 +40,8 @@ app.command("inspect")(inspect_cmd.inspect)
 app.command("convert")(convert_cmd.convert)
 app.command("check")(check_cmd.check)
 app.command("list")(list_cmd.list_)
+app.command("distill")(distill_cmd.distill)
+app.command("eval")(eval_cmd.eval_)
 app.command("verify")(verify_cmd.verify)
 
 _DEFAULT_COMMAND = "convert"

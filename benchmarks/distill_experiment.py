@@ -1,0 +1,189 @@
+"""Stage-2 experiment: what stage-1 conversion and adaptive multi-directional distillation buy, on Fashion-MNIST.
+
+Every arm trains the same student architecture for the same steps with the same recipe, batch, data order and seed;
+only the starting weights and the loss differ:
+
+    a            from scratch, task loss only             (the baseline the paper compares with)
+    b            converted (stage 1), task loss only      (what the initialisation alone gives)
+    c            converted, full distillation             (TransMamba: stage 1 + stage 2)
+    d            from scratch, full distillation          (CE + KD + adaptive multi-directional alignment, even pairs)
+    c-uniform    c with uniform layer weights             (adaptive weights off)
+    c-forward    c aligning the forward direction only    (multi-directional off)
+    c-nofeature  c without feature alignment              (CE + KD)
+    c-nokd       c without logit KD                       (CE + feature alignment)
+    c-even       c with the even layer pairing            (instead of the conversion's layer plan)
+
+The letters follow issue #6. Also evaluated once: the teacher, and each seed's converted student before training
+(`c0`). Results are appended to
+`OUT/results.jsonl` (one line per arm, seed and step count: test top-1/top-5/loss, training time, final training
+losses); runs already there are skipped and an interrupted run resumes from its checkpoint, so the table can be
+filled over several invocations (`--max-minutes` stops cleanly before a time limit). `OUT/summary.md` gets the
+mean ± std over seeds per arm and step count.
+
+    python benchmarks/distill_experiment.py --out runs/exp --steps 500,2000 --seeds 0,1,2          # GPU
+    python benchmarks/distill_experiment.py --out /tmp/exp --steps 2 --seeds 0 --batch-size 8 \\
+        --eval-limit 32 --workers 0                                                                 # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tmconvert.converter.data import ImageDataset, Preprocess, eval_batches, open_source
+from tmconvert.converter.engine import ConvertRequest, convert
+from tmconvert.converter.evaluate import evaluate, load_classifier
+from tmconvert.converter.recipe import load_recipe
+from tmconvert.converter.train import DistContext, DistillRequest, init_distributed, prepare_run, run_distillation
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK_ONLY = ["loss.kd=0", "loss.feature=0"]
+# arm -> (start from the converted student?, recipe overrides)
+ARMS: dict[str, tuple[bool, list[str]]] = {
+    "a": (False, TASK_ONLY),
+    "b": (True, TASK_ONLY),
+    "c": (True, []),
+    "d": (False, []),
+    "c-uniform": (True, ["loss.adaptive=false"]),
+    "c-forward": (True, ["loss.multi_directional=false"]),
+    "c-nofeature": (True, ["loss.feature=0"]),
+    "c-nokd": (True, ["loss.kd=0"]),
+    "c-even": (True, ["loss.pairs=even"]),
+}
+
+
+def default_data() -> str:
+    local = ROOT / ".data" / "fashion-mnist"
+    return f"fashion-mnist:{local}" if local.is_dir() else "fashion-mnist"
+
+
+def _done(results: Path) -> set[tuple[str, int, int]]:
+    if not results.exists():
+        return set()
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    return {(r["arm"], r["seed"], r["steps"]) for r in rows}
+
+
+def _append(results: Path, row: dict[str, Any]) -> None:
+    with open(results, "a") as handle:
+        handle.write(json.dumps(row, sort_keys=True) + "\n")
+    print(json.dumps(row, sort_keys=True), flush=True)
+
+
+def _test_accuracy(model_path: Path, data: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    loaded = load_classifier(model_path)
+    source = open_source(data, split="test", img_size=loaded.input_spec.img_size, num_classes=loaded.config.num_classes)
+    dataset = ImageDataset(source, Preprocess(loaded.input_spec, train=False))
+    batches = eval_batches(dataset, batch_size=512, limit=args.eval_limit, workers=args.workers)
+    result = evaluate(loaded.model.to(device), batches, num_classes=loaded.config.num_classes, device=device)
+    return {"top1": result.top1, "top5": result.top5, "test_loss": result.loss, "test_images": result.images}
+
+
+def _converted(args: argparse.Namespace, seed: int) -> Path:
+    path = args.out / f"converted-{args.target}-s{seed}.safetensors"
+    if not path.exists():
+        convert(ConvertRequest(source=args.teacher, target=args.target, out=path, seed=seed, mapping=args.mapping))
+    return path
+
+
+def _run_arm(arm: str, seed: int, steps: int, args: argparse.Namespace, dist: DistContext,
+             deadline: float) -> dict[str, Any] | None:  # fmt: skip
+    """Train (or resume) one arm; None when the time budget ran out first (its checkpoint is kept)."""
+    from_converted, overrides = ARMS[arm]
+    student = str(_converted(args, seed)) if from_converted else args.target
+    folder = args.out / "runs" / f"{arm}-s{seed}-n{steps}"
+    flags = {"steps": steps, "batch_size": args.batch_size, "seed": seed, "optim.lr": args.lr}
+    loaded = load_recipe(args.recipe, [f"data.workers={args.workers}", *args.set, *overrides], flags)
+    resume = (folder / "checkpoint.pt").exists()
+    if not (folder / "student.safetensors").exists():
+        request = DistillRequest(teacher=args.teacher, student=student, data=args.data, out=folder, recipe=loaded,
+                                 resume=resume, force=not resume, time_limit=max(1.0, deadline - time.monotonic()),
+                                 device=args.device)  # fmt: skip
+        result = run_distillation(prepare_run(request, dist))
+        if not result.finished:
+            return None
+        final, seconds = result.final, result.seconds
+    else:
+        final, seconds = json.loads((folder / "student.config.json").read_text())["distill"]["final"], None
+    row = {"arm": arm, "seed": seed, "steps": steps, "train_seconds": seconds,
+           **{k: final.get(k) for k in ("loss", "task", "kd", "feature")}}  # fmt: skip
+    row.update(_test_accuracy(folder / "student.safetensors", args.data, args, dist.device))
+    return row
+
+
+def _summary(results: Path) -> str:
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    groups: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["arm"], r["steps"]), []).append(100 * r["top1"])
+    order = ["teacher", "c0", *ARMS]
+    lines = ["| arm | steps | seeds | test top-1 % (mean ± std) |", "| --- | --- | --- | --- |"]
+    for (arm, steps), accs in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        lines.append(f"| {arm} | {steps} | {len(accs)} | {statistics.mean(accs):.2f} ± {std:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=Path, default=ROOT / "assets" / "fmnist-vit-t.safetensors")
+    parser.add_argument("--target", default="vim-t", help="student architecture (registry name)")
+    parser.add_argument("--mapping", default=None, help="conversion mapping (default: the target's default)")
+    parser.add_argument("--data", default=default_data(), help="fashion-mnist[:ROOT] or a class-folder tree")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", default="500,2000", help="comma list of step counts")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=None, help="override the recipe's optim.lr")
+    parser.add_argument("--recipe", default=None, help="recipe file or shipped name (default: default)")
+    parser.add_argument("--set", action="append", default=[], help="extra recipe override for every arm")
+    parser.add_argument("--eval-limit", type=int, default=None, help="test images per evaluation (default: all)")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--device", default=None, choices=(None, "cpu", "cuda"))
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop launching and stop training after")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "distill-experiment")
+    args = parser.parse_args()
+    unknown = sorted(set(args.arms.split(",")) - set(ARMS))
+    if unknown:
+        parser.error(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
+
+    (args.out / "runs").mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else float("inf")
+    dist = init_distributed(args.device)
+    results = args.out / "results.jsonl"
+    done = _done(results)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if ("teacher", 0, 0) not in done:
+        _append(results, {"arm": "teacher", "seed": 0, "steps": 0,
+                          **_test_accuracy(args.teacher, args.data, args, dist.device)})  # fmt: skip
+    for seed in seeds:
+        if ("c0", seed, 0) not in done and any(ARMS[a][0] for a in args.arms.split(",")):
+            row = {"arm": "c0", "seed": seed, "steps": 0, **_test_accuracy(_converted(args, seed), args.data, args,
+                                                                           dist.device)}  # fmt: skip
+            _append(results, row)
+    for steps in (int(s) for s in args.steps.split(",")):
+        for arm in args.arms.split(","):
+            for seed in seeds:
+                if (arm, seed, steps) in done:
+                    continue
+                if time.monotonic() >= deadline:
+                    print(f"time budget spent; rerun to continue ({results})", flush=True)
+                    break
+                row = _run_arm(arm, seed, steps, args, dist, deadline)
+                if row is None:
+                    print(f"{arm} seed {seed} {steps} steps stopped at the time budget; rerun to resume", flush=True)
+                    break
+                _append(results, row)
+    summary = _summary(results)
+    (args.out / "summary.md").write_text(summary)
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""`tmconvert eval`: exact numbers on constructed models and data, both model families, limits and errors; and the
+embedded teacher's accuracy on real Fashion-MNIST through the same preprocessing distillation uses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from tests._distill_factory import TEACHER, write_image_folder
+from tmconvert.converter.cli import main
+from tmconvert.converter.plan import config_json
+from tmconvert.converter.train import RunPaths, write_student
+from tmconvert.models.vim import VimConfig, VisionMamba
+from tmconvert.models.vit import VisionTransformer
+
+ROOT = Path(__file__).resolve().parents[1]
+# Constant logits (zero head weights): ranking 1 > 3 > 4 > 5 > 0 > 2 > the rest.
+BIAS = torch.tensor([1.0, 5.0, 0.0, 4.0, 3.0, 2.0, -9.0, -9.0, -9.0, -9.0])
+LABELS = [0, 0, 1, 1, 1, 2]  # class folders a (2 images), b (3), c (1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("eval") / "images", {"a": 2, "b": 3, "c": 1})
+
+
+def _expected(labels: list[int]) -> dict[str, float]:
+    y = torch.tensor(labels)
+    return {
+        "top1": sum(label == 1 for label in labels) / len(labels),
+        "top5": sum(label in (1, 3, 4, 5, 0) for label in labels) / len(labels),
+        "loss": F.cross_entropy(BIAS.expand(len(labels), -1), y).item(),
+    }
+
+
+def _vit_file(path: Path) -> Path:
+    model = VisionTransformer(TEACHER, seed=0)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(BIAS)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _vim_file(folder: Path) -> Path:
+    cfg = VimConfig(embed_dim=16, depth=2, d_state=4, patch_size=4, img_size=(16, 16), num_classes=10)
+    model = VisionMamba(cfg, seed=0)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(BIAS)
+    folder.mkdir()
+    metadata = {"format": "tmconvert", "family": "vim", "target_config": json.dumps(config_json(cfg))}
+    write_student(RunPaths(folder), model, cfg, metadata)
+    return folder / "student.safetensors"
+
+
+def _eval_json(capsys, *args: str) -> dict:
+    assert main(["eval", *args, "--json"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("family", ["vit", "vim"])
+def test_known_accuracy_and_loss(tmp_path, data, capsys, family):
+    model = _vit_file(tmp_path / "vit.safetensors") if family == "vit" else _vim_file(tmp_path / "vim")
+    heads = ["--heads", "2"] if family == "vit" else []
+    report = _eval_json(capsys, str(model), "--data", str(data), "--batch-size", "4", *heads)
+    expected = _expected(LABELS)
+    assert report["family"] == family and report["images"] == 6
+    assert report["top1"] == pytest.approx(expected["top1"])  # 3 / 6
+    assert report["top5"] == pytest.approx(expected["top5"])  # 5 / 6: class 2 is ranked 6th
+    assert report["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    limited = _eval_json(capsys, str(model), "--data", str(data), "--limit", "4", *heads)
+    assert limited["images"] == 4 and limited["top1"] == pytest.approx(_expected(LABELS[:4])["top1"])
+
+
+def test_eval_errors(tmp_path, data, capsys):
+    model = _vit_file(tmp_path / "vit.safetensors")
+    flat = write_image_folder(tmp_path / "flat", {"": 2})
+    assert main(["eval", str(model), "--data", str(flat), "--heads", "2"]) == 1
+    assert "unlabelled images" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing.safetensors"), "--data", str(data)]) == 1
+    assert "missing.safetensors: no such file" in capsys.readouterr().err
+    many = write_image_folder(tmp_path / "many", {f"c{i:02d}": 1 for i in range(11)})
+    assert main(["eval", str(model), "--data", str(many), "--heads", "2"]) == 1
+    assert "11 classes, the model predicts 10" in capsys.readouterr().err
+
+
+def test_embedded_teacher_on_fashion_mnist(capsys):
+    report = _eval_json(capsys, str(ROOT / "assets" / "fmnist-vit-t.safetensors"), "--data", "fashion-mnist",
+                        "--limit", "500", "--batch-size", "250")  # fmt: skip
+    assert report["images"] == 500 and report["top1"] > 0.85 and report["top5"] > 0.98  # 91.35 % on all 10,000
