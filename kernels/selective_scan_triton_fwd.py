@@ -123,5 +123,6 @@ def selective_scan_fwd_kernel(
         tl.store(rows + BLOCK_N * dim, state)
     elif STORE_LAST_STATE:
         last_segment = (segment == 0) if REVERSE else (segment == n_segments - 1)
-        state_offs = (batch * dim + offs_d[None, :]) * dstate + offs_n[:, None]
-        tl.store(last_state_ptr + state_offs, state, mask=mask_n[:, None] & last_segment)
+        if last_segment:  # a branch, not a mask term: a scalar in a mask breaks Triton 3.9's interpreter
+            state_offs = (batch * dim + offs_d[None, :]) * dstate + offs_n[:, None]
+            tl.store(last_state_ptr + state_offs, state, mask=mask_n[:, None])
