@@ -30,7 +30,7 @@ from tmconvert.converter.engine import ConvertRequest, convert
 from tmconvert.converter.mapping import shipped_mapping_paths
 from tmconvert.converter.plan import derive_target_config
 from tmconvert.converter.subclone import build_teacher, calibration_batches, uniform_indices
-from tmconvert.converter.verify import teacher_to_student_tokens, verify_converted
+from tmconvert.converter.verify import verify_converted
 from tmconvert.models.vim import VisionMamba
 
 PAIRS = [("deit-s", "vim-s"), ("deit-b", "vim-s"), ("deit-s", "vim-t"), ("deit-t", "vim-t")]
@@ -72,7 +72,8 @@ def scratch_cosine(ckpt, target: str, images: torch.Tensor, device: torch.device
     student = VisionMamba(cfg, seed=seed).to(device).eval()
     vit = build_teacher(ckpt.config, ckpt.get, ckpt.names()).float().to(device).eval()
     s_out, t_out = student.forward_all(images), vit.forward_all(images)
-    tokens = teacher_to_student_tokens(cfg.token_layout(), ckpt.config.token_layout()).to(device)
+    tokens, _ = cfg.token_layout().positions_in(ckpt.config.token_layout())
+    tokens = tokens.to(device)
     keep = uniform_indices(ckpt.config.embed_dim, cfg.embed_dim).to(device)
     depth = min(ckpt.config.depth, cfg.depth)
     cos = [F.cosine_similarity(s_out.layer_tokens[j].double(),

@@ -45,11 +45,14 @@ tm_bootstrap() {
         # Without a GPU, pin the CPU build: an unpinned torch pulls several GB of CUDA wheels. The pins go into a
         # constraints file used by every install below, so nothing (timm -> torchvision -> torch) can upgrade
         # torch to a CUDA build later; torchvision is pinned to the release made for that torch.
+        # Triton is pinned too: its CPU interpreter (kernel tests) changes between releases (3.6 breaks on runtime
+        # loop bounds with numpy 2.4); 3.9.0 is the release the suite is checked with.
         local tv="${TMCONVERT_TORCH:-torch==2.13.0}" tvv="${TMCONVERT_TORCHVISION:-torchvision==0.28.0}"
-        printf '%s\n%s\n' "$tv" "$tvv" >"$TM_VENV/cpu-constraints.txt"
+        local tt="${TMCONVERT_TRITON:-triton==3.9.0}"
+        printf '%s\n%s\n%s\n' "$tv" "$tvv" "$tt" >"$TM_VENV/cpu-constraints.txt"
         pip+=(-c "$TM_VENV/cpu-constraints.txt")
-        tm_say "[$step/$steps] no GPU: installing the CPU build ($tv) and triton>=3.7 for the CPU interpreter"
-        "${pip[@]}" "$tv" "triton>=3.7" || { tm_say "error: installing $tv failed"; exit 1; }
+        tm_say "[$step/$steps] no GPU: installing the CPU build ($tv) and $tt for the CPU interpreter"
+        "${pip[@]}" "$tv" "$tt" || { tm_say "error: installing $tv failed"; exit 1; }
     fi
     step=3
     tm_say "[$step/$steps] installing tmconvert${extras:+[$extras]} and its dependencies"

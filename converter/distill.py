@@ -53,23 +53,16 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def token_alignment(student: TokenLayout, teacher: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each student sequence position, the teacher position holding the same token, and whether one exists.
-
-    Patches pair by raster index (the grids must match); cls pairs with cls. A student cls without a teacher cls
-    (an average-pooled teacher) has no counterpart and is left out of the loss; a teacher's dist token is unused.
-    """
-    if tuple(student.grid) != tuple(teacher.grid):
+    """For each student sequence position, the teacher position holding the same token, and whether one exists
+    (`TokenLayout.positions_in`). A student cls without a teacher cls (an average-pooled teacher) is left out of the
+    loss; a teacher's dist token is unused."""
+    try:
+        return student.positions_in(teacher)
+    except ValueError:
         raise RunError(
             f"student patch grid {student.grid[0]}x{student.grid[1]} differs from the teacher's "
             f"{teacher.grid[0]}x{teacher.grid[1]}: token features cannot be paired (same image and patch size needed)"
-        )
-    index = torch.zeros(student.seq_len, dtype=torch.long)
-    valid = torch.zeros(student.seq_len, dtype=torch.bool)
-    for s_pos, t_pos in zip(student.patch_indices, teacher.patch_indices, strict=True):
-        index[s_pos], valid[s_pos] = t_pos, True
-    if student.cls_index is not None and teacher.cls_index is not None:
-        index[student.cls_index], valid[student.cls_index] = teacher.cls_index, True
-    return index, valid
+        ) from None
 
 
 class MLPProjector(nn.Sequential):

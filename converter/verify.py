@@ -24,7 +24,7 @@ from tmconvert.converter.output import load_converted
 from tmconvert.converter.subclone import build_teacher, calibration_batches
 from tmconvert.kernels import available_backends, use_backend
 from tmconvert.models.vim import MambaOutput, VisionMamba
-from tmconvert.models.vit import TokenLayout, ViTConfig
+from tmconvert.models.vit import ViTConfig
 
 # Relative L2 error allowed between a backend and `reference` on fp32 logits and final tokens.
 BACKEND_TOLERANCE = 1e-4
@@ -60,23 +60,8 @@ class VerifyReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def teacher_to_student_tokens(student: TokenLayout, teacher: TokenLayout) -> torch.Tensor | None:
-    """Index into the teacher's token axis giving, at each student position, the same token (cls, then patches).
-
-    None when the two sequences do not hold the same tokens (different grids, or a cls token on one side only).
-    """
-    if student.grid != teacher.grid or (student.cls_index is None) != (teacher.cls_index is None):
-        return None
-    index = [0] * student.seq_len
-    if student.cls_index is not None:
-        index[student.cls_index] = teacher.cls_index
-    for s_pos, t_pos in zip(student.patch_indices, teacher.patch_indices, strict=True):
-        index[s_pos] = t_pos
-    return torch.tensor(index, dtype=torch.long)
-
-
-def _mean_token_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return F.cosine_similarity(a.double(), b.double(), dim=-1).mean().item()
+def _mean_token_cosine(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> float:
+    return F.cosine_similarity(a.double(), b.double(), dim=-1)[:, valid].mean().item()
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -142,11 +127,14 @@ def verify_converted(
     with torch.no_grad():
         tout = vit.forward_all(images)
     teacher_grid = (cfg.img_size[0] // teacher.config.patch_size, cfg.img_size[1] // teacher.config.patch_size)
-    token_index = teacher_to_student_tokens(cfg.token_layout(), teacher.config.token_layout(teacher_grid))
+    try:
+        token_index, valid = cfg.token_layout().positions_in(teacher.config.token_layout(teacher_grid))
+    except ValueError:  # other patch size: no token-by-token comparison
+        token_index = valid = None
     residual = metadata.get("index_sets", {}).get("residual", {}).get("indices", {})
     channels = torch.tensor(next(iter(residual.values())), device=device) if residual else None
     if token_index is not None and (channels is not None or cfg.embed_dim == teacher.config.embed_dim):
-        token_index = token_index.to(device)
+        token_index, valid = token_index.to(device), valid.to(device)
 
         def as_student(tokens: torch.Tensor) -> torch.Tensor:
             tokens = tokens[:, token_index]
@@ -160,9 +148,9 @@ def verify_converted(
             compare = block if block is not None else last_block
             if compare is None:
                 continue
-            cos = _mean_token_cosine(tokens, as_student(tout.layer_tokens[compare]))
+            cos = _mean_token_cosine(tokens, as_student(tout.layer_tokens[compare]), valid)
             report.layers.append(LayerSimilarity(layer=j, block=block, cosine=cos))
-        report.final_cosine = _mean_token_cosine(ref.final_tokens, as_student(tout.final_tokens))
+        report.final_cosine = _mean_token_cosine(ref.final_tokens, as_student(tout.final_tokens), valid)
     if ref.logits.shape == tout.logits.shape and "head.weight" in teacher:
         agree = (ref.logits.argmax(-1) == tout.logits.argmax(-1)).double().mean().item()
         report.top1_agreement = agree

@@ -110,6 +110,23 @@ class TokenLayout:
     def patch_index_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
         return torch.tensor(self.patch_indices, dtype=torch.long, device=device)
 
+    def positions_in(self, source: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each position of this sequence, the position of the same token in `source`, and whether it exists.
+
+        Patches pair by raster index (the grids must match, else ValueError); cls pairs with cls. A cls token that
+        `source` lacks has no counterpart (valid False); a dist token is never paired. This is how a student's
+        tokens line up with a teacher's (ViM's middle cls against DeiT's cls at 0).
+        """
+        if tuple(self.grid) != tuple(source.grid):
+            raise ValueError(f"patch grids differ: {self.grid[0]}x{self.grid[1]} vs {source.grid[0]}x{source.grid[1]}")
+        index = torch.zeros(self.seq_len, dtype=torch.long)
+        valid = torch.zeros(self.seq_len, dtype=torch.bool)
+        for pos, src_pos in zip(self.patch_indices, source.patch_indices, strict=True):
+            index[pos], valid[pos] = src_pos, True
+        if self.cls_index is not None and source.cls_index is not None:
+            index[self.cls_index], valid[self.cls_index] = source.cls_index, True
+        return index, valid
+
 
 @dataclass
 class ViTOutput:

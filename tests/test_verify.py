@@ -16,7 +16,7 @@ from tmconvert.converter.cli import main
 from tmconvert.converter.engine import ConvertRequest, convert
 from tmconvert.converter.output import load_converted
 from tmconvert.converter.subclone import calibration_batches
-from tmconvert.converter.verify import teacher_to_student_tokens, verify_converted
+from tmconvert.converter.verify import verify_converted
 from tmconvert.kernels import dispatch
 from tmconvert.kernels.selective_scan_ref import selective_scan_ref
 from tmconvert.models import registry as registry_module
@@ -45,9 +45,11 @@ def test_teacher_tokens_are_rearranged_into_the_students_layout() -> None:
     student = VimConfig(embed_dim=16, depth=1, patch_size=4, img_size=(8, 8)).token_layout()  # 4 patches, cls at 2
     teacher = SMALL.__class__(embed_dim=16, depth=1, num_heads=1, mlp_hidden=16, patch_size=4,
                               img_size=(8, 8)).token_layout()  # cls at 0
-    assert teacher_to_student_tokens(student, teacher).tolist() == [1, 2, 0, 3, 4]
+    index, valid = student.positions_in(teacher)
+    assert index.tolist() == [1, 2, 0, 3, 4] and valid.all()
     other_grid = VimConfig(embed_dim=16, depth=1, patch_size=4, img_size=(12, 12)).token_layout()
-    assert teacher_to_student_tokens(other_grid, teacher) is None
+    with pytest.raises(ValueError, match="patch grids differ"):
+        other_grid.positions_in(teacher)
 
 
 def test_report_matches_an_independent_computation(converted) -> None:
