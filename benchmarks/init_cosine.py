@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tmconvert.converter.checkpoint import open_checkpoint
-from tmconvert.converter.datasets import load_fashion_mnist
 from tmconvert.converter.engine import ConvertRequest, convert
+from tmconvert.converter.fashion_mnist import load_fashion_mnist
 from tmconvert.converter.mapping import shipped_mapping_paths
 from tmconvert.converter.plan import derive_target_config
 from tmconvert.converter.subclone import build_teacher, calibration_batches, uniform_indices

@@ -24,7 +24,7 @@ from tmconvert.converter.data import (
     random_resized_box,
     train_batches,
 )
-from tmconvert.converter.datasets import DatasetError
+from tmconvert.converter.fashion_mnist import DatasetError
 
 SPEC16 = InputSpec.for_model((16, 16), 3)
 

@@ -1,4 +1,4 @@
-"""Image datasets that need no download: Fashion-MNIST IDX files (Debian's `dataset-fashion-mnist`).
+"""Fashion-MNIST without a download: its IDX files as Debian's `dataset-fashion-mnist` installs them.
 
 The IDX format: a big-endian header (two zero bytes, a type code, the number of dimensions, then one uint32 per
 dimension) followed by the raw values. Fashion-MNIST uses type 0x08 (uint8) with 3 dims for images and 1 for labels.
@@ -63,11 +63,13 @@ class ImageArrays:
 
 
 def fashion_mnist_root(root: str | Path | None = None) -> Path:
-    """The folder holding the four Fashion-MNIST files: `root`, $TMCONVERT_FASHION_MNIST, or Debian's location."""
-    candidates = [Path(root)] if root else []
-    if os.environ.get("TMCONVERT_FASHION_MNIST"):
-        candidates.append(Path(os.environ["TMCONVERT_FASHION_MNIST"]))
-    candidates += list(FASHION_MNIST_DIRS)
+    """The folder holding the four Fashion-MNIST files: `root` when given (and only it), else
+    $TMCONVERT_FASHION_MNIST, else Debian's location."""
+    if root:
+        candidates = [Path(root)]
+    else:
+        env = os.environ.get("TMCONVERT_FASHION_MNIST")
+        candidates = [Path(env)] if env else list(FASHION_MNIST_DIRS)
     for c in candidates:
         if (c / "train-images-idx3-ubyte.gz").exists() or (c / "train-images-idx3-ubyte").exists():
             return c
