@@ -14,13 +14,15 @@ only the starting weights and the loss differ:
     c-even       c with the even layer pairing            (instead of the conversion's layer plan)
 
 The letters follow issue #6. Also evaluated once: the teacher, and each seed's converted student before training
-(`c0`). Results are appended to
+(`c0`). Learning rates get the same care for every arm: with `--lrs` each arm trains at each rate on the training
+split minus a hold-out of `--val-images` images, the summary picks each arm's rate by its mean top-1 on that
+hold-out, and reports the test top-1 of the chosen rate (the test set never chooses anything). Results are appended to
 `OUT/results.jsonl` (one line per arm, seed and step count: test top-1/top-5/loss, training time, final training
 losses); runs already there are skipped and an interrupted run resumes from its checkpoint, so the table can be
 filled over several invocations (`--max-minutes` stops cleanly before a time limit). `OUT/summary.md` gets the
 mean ± std over seeds per arm and step count.
 
-    python benchmarks/distill_experiment.py --out runs/exp --steps 500,2000 --seeds 0,1,2          # GPU
+    python benchmarks/distill_experiment.py --out runs/exp --steps 500,2000 --seeds 0,1,2 --lrs 5e-4,1e-3,2e-3
     python benchmarks/distill_experiment.py --out /tmp/exp --steps 2 --seeds 0 --batch-size 8 \\
         --eval-limit 32 --workers 0                                                                 # CPU smoke test
 """
@@ -63,11 +65,18 @@ def default_data() -> str:
     return f"fashion-mnist:{local}" if local.is_dir() else "fashion-mnist"
 
 
-def _done(results: Path) -> set[tuple[str, int, int]]:
+def _done(results: Path) -> set[tuple[str, int, int, float | None]]:
     if not results.exists():
         return set()
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    return {(r["arm"], r["seed"], r["steps"]) for r in rows}
+    return {(r["arm"], r["seed"], r["steps"], r.get("lr")) for r in rows}
+
+
+def _split_data(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(training data, validation data): the last `--val-images` training images are held out for choosing rates."""
+    if not args.val_images:
+        return args.data, None
+    return f"{args.data}[:-{args.val_images}]", f"{args.data}[-{args.val_images}:]"
 
 
 def _append(results: Path, row: dict[str, Any]) -> None:
@@ -76,9 +85,10 @@ def _append(results: Path, row: dict[str, Any]) -> None:
     print(json.dumps(row, sort_keys=True), flush=True)
 
 
-def _test_accuracy(model_path: Path, data: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def _test_accuracy(model_path: Path, data: str, args: argparse.Namespace, device: torch.device,
+                   split: str = "test") -> dict[str, Any]:  # fmt: skip
     loaded = load_classifier(model_path)
-    source = open_source(data, split="test", img_size=loaded.input_spec.img_size, num_classes=loaded.config.num_classes)
+    source = open_source(data, split=split, img_size=loaded.input_spec.img_size, num_classes=loaded.config.num_classes)
     dataset = ImageDataset(source, Preprocess(loaded.input_spec, train=False))
     batches = eval_batches(dataset, batch_size=512, limit=args.eval_limit, workers=args.workers)
     result = evaluate(loaded.model.to(device), batches, num_classes=loaded.config.num_classes, device=device)
@@ -92,17 +102,19 @@ def _converted(args: argparse.Namespace, seed: int) -> Path:
     return path
 
 
-def _run_arm(arm: str, seed: int, steps: int, args: argparse.Namespace, dist: DistContext,
+def _run_arm(arm: str, seed: int, steps: int, lr: float | None, args: argparse.Namespace, dist: DistContext,
              deadline: float) -> dict[str, Any] | None:  # fmt: skip
     """Train (or resume) one arm; None when the time budget ran out first (its checkpoint is kept)."""
     from_converted, overrides = ARMS[arm]
     student = str(_converted(args, seed)) if from_converted else args.target
-    folder = args.out / "runs" / f"{arm}-s{seed}-n{steps}"
-    flags = {"steps": steps, "batch_size": args.batch_size, "seed": seed, "optim.lr": args.lr}
+    rate = "" if lr is None else f"-lr{lr:g}"
+    folder = args.out / "runs" / f"{arm}{rate}-s{seed}-n{steps}"
+    train_data, val_data = _split_data(args)
+    flags = {"steps": steps, "batch_size": args.batch_size, "seed": seed, "optim.lr": lr}
     loaded = load_recipe(args.recipe, [f"data.workers={args.workers}", *args.set, *overrides], flags)
     resume = (folder / "checkpoint.pt").exists()
     if not (folder / "student.safetensors").exists():
-        request = DistillRequest(teacher=args.teacher, student=student, data=args.data, out=folder, recipe=loaded,
+        request = DistillRequest(teacher=args.teacher, student=student, data=train_data, out=folder, recipe=loaded,
                                  resume=resume, force=not resume, time_limit=max(1.0, deadline - time.monotonic()),
                                  device=args.device)  # fmt: skip
         result = run_distillation(prepare_run(request, dist))
@@ -111,22 +123,37 @@ def _run_arm(arm: str, seed: int, steps: int, args: argparse.Namespace, dist: Di
         final, seconds = result.final, result.seconds
     else:
         final, seconds = json.loads((folder / "student.config.json").read_text())["distill"]["final"], None
-    row = {"arm": arm, "seed": seed, "steps": steps, "train_seconds": seconds,
+    row = {"arm": arm, "seed": seed, "steps": steps, "lr": lr, "train_seconds": seconds,
            **{k: final.get(k) for k in ("loss", "task", "kd", "feature")}}  # fmt: skip
     row.update(_test_accuracy(folder / "student.safetensors", args.data, args, dist.device))
+    if val_data is not None:
+        val = _test_accuracy(folder / "student.safetensors", val_data, args, dist.device, split="train")
+        row["val_top1"] = val["top1"]
     return row
 
 
 def _summary(results: Path) -> str:
+    """Per arm and step count, the rate with the best mean hold-out top-1 (when rates were swept) and its test top-1."""
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    groups: dict[tuple[str, int], list[float]] = {}
+    groups: dict[tuple[str, int], dict[float | None, list[dict[str, Any]]]] = {}
     for r in rows:
-        groups.setdefault((r["arm"], r["steps"]), []).append(100 * r["top1"])
+        groups.setdefault((r["arm"], r["steps"]), {}).setdefault(r.get("lr"), []).append(r)
     order = ["teacher", "c0", *ARMS]
-    lines = ["| arm | steps | seeds | test top-1 % (mean ± std) |", "| --- | --- | --- | --- |"]
-    for (arm, steps), accs in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
+    lines = ["| arm | steps | lr (chosen on hold-out) | seeds | test top-1 % (mean ± std) | hold-out top-1 % by lr |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for (arm, steps), by_lr in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
+        def val(lr: float | None, by_lr: dict[float | None, list[dict[str, Any]]] = by_lr) -> float:
+            scores = [r["val_top1"] for r in by_lr[lr] if r.get("val_top1") is not None]
+            return statistics.mean(scores) if scores else float("-inf")
+
+        best = max(by_lr, key=val) if len(by_lr) > 1 else next(iter(by_lr))
+        accs = [100 * r["top1"] for r in by_lr[best]]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        lines.append(f"| {arm} | {steps} | {len(accs)} | {statistics.mean(accs):.2f} ± {std:.2f} |")
+        sweep = ", ".join(f"{lr:g}: {100 * val(lr):.2f}" for lr in sorted(by_lr, key=lambda v: v or 0)
+                          if lr is not None and val(lr) > float("-inf"))
+        chosen = "recipe" if best is None else f"{best:g}"
+        lines.append(f"| {arm} | {steps} | {chosen} | {len(accs)} | {statistics.mean(accs):.2f} ± {std:.2f} | "
+                     f"{sweep} |")
     return "\n".join(lines) + "\n"
 
 
@@ -140,7 +167,10 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", default="500,2000", help="comma list of step counts")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=None, help="override the recipe's optim.lr")
+    parser.add_argument("--lrs", default="", help="comma list of peak learning rates to sweep per arm (default: the "
+                        "recipe's optim.lr)")
+    parser.add_argument("--val-images", type=int, default=5000,
+                        help="training images held out to choose the rate (0: train on all, no hold-out)")
     parser.add_argument("--recipe", default=None, help="recipe file or shipped name (default: default)")
     parser.add_argument("--set", action="append", default=[], help="extra recipe override for every arm")
     parser.add_argument("--eval-limit", type=int, default=None, help="test images per evaluation (default: all)")
@@ -159,27 +189,30 @@ def main() -> None:
     results = args.out / "results.jsonl"
     done = _done(results)
     seeds = [int(s) for s in args.seeds.split(",")]
-    if ("teacher", 0, 0) not in done:
+    if ("teacher", 0, 0, None) not in done:
         _append(results, {"arm": "teacher", "seed": 0, "steps": 0,
                           **_test_accuracy(args.teacher, args.data, args, dist.device)})  # fmt: skip
     for seed in seeds:
-        if ("c0", seed, 0) not in done and any(ARMS[a][0] for a in args.arms.split(",")):
+        if ("c0", seed, 0, None) not in done and any(ARMS[a][0] for a in args.arms.split(",")):
             row = {"arm": "c0", "seed": seed, "steps": 0, **_test_accuracy(_converted(args, seed), args.data, args,
                                                                            dist.device)}  # fmt: skip
             _append(results, row)
+    lrs: list[float | None] = [float(v) for v in args.lrs.split(",") if v] or [None]
     for steps in (int(s) for s in args.steps.split(",")):
         for arm in args.arms.split(","):
-            for seed in seeds:
-                if (arm, seed, steps) in done:
-                    continue
-                if time.monotonic() >= deadline:
-                    print(f"time budget spent; rerun to continue ({results})", flush=True)
-                    break
-                row = _run_arm(arm, seed, steps, args, dist, deadline)
-                if row is None:
-                    print(f"{arm} seed {seed} {steps} steps stopped at the time budget; rerun to resume", flush=True)
-                    break
-                _append(results, row)
+            for lr in lrs:
+                for seed in seeds:
+                    if (arm, seed, steps, lr) in done:
+                        continue
+                    if time.monotonic() >= deadline:
+                        print(f"time budget spent; rerun to continue ({results})", flush=True)
+                        break
+                    row = _run_arm(arm, seed, steps, lr, args, dist, deadline)
+                    if row is None:
+                        print(f"{arm} lr {lr} seed {seed} {steps} steps stopped at the time budget; rerun to resume",
+                              flush=True)  # fmt: skip
+                        break
+                    _append(results, row)
     summary = _summary(results)
     (args.out / "summary.md").write_text(summary)
     print(summary)

@@ -24,6 +24,7 @@ see together the same global batches as one process.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,13 +219,44 @@ class SyntheticSource:
                 "classes": self.num_classes}  # fmt: skip
 
 
+class SliceSource:
+    """Images `start:stop` of another source (Python slice semantics), e.g. a validation hold-out of a training set."""
+
+    def __init__(self, inner: ImageSource, start: int | None, stop: int | None, spec: str):
+        self.inner, self.indices = inner, range(len(inner))[slice(start, stop)]
+        if not self.indices:
+            raise DatasetError(f"--data {spec}: the slice selects no images (the source has {len(inner)})")
+        self.classes = inner.classes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def image(self, index: int) -> Image.Image:
+        return self.inner.image(self.indices[index])
+
+    def label(self, index: int) -> int:
+        return self.inner.label(self.indices[index])
+
+    def identity(self) -> dict[str, Any]:
+        return {**self.inner.identity(), "slice": [self.indices.start, self.indices.stop], "images": len(self)}
+
+
+_SLICE = re.compile(r"^(?P<inner>.+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
+
+
 def open_source(
     spec: str, *, split: str = "train", img_size: tuple[int, int] = (224, 224), num_classes: int = 0
 ) -> ImageSource:
-    """`--data` → a source: `synthetic:N`, `fashion-mnist[:ROOT]` (`split`), or a folder path.
+    """`--data` → a source: `synthetic:N`, `fashion-mnist[:ROOT]` (`split`), or a folder path; any of them followed
+    by `[START:STOP]` takes those images only (Python slice: `fashion-mnist[:-5000]`, `fashion-mnist[-5000:]`).
 
     `img_size` and `num_classes` shape synthetic data only (images at the model's size, labels in its classes).
     """
+    sliced = _SLICE.match(spec or "")
+    if sliced:
+        inner = open_source(sliced["inner"], split=split, img_size=img_size, num_classes=num_classes)
+        start, stop = (int(v) if v else None for v in (sliced["start"], sliced["stop"]))
+        return SliceSource(inner, start, stop, spec)
     if split not in SPLITS:
         raise DatasetError(f"--split {split}: choose one of {', '.join(SPLITS)}")
     if not spec:

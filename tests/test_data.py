@@ -164,3 +164,16 @@ def test_train_batches_resume_mid_epoch_and_across_epochs():
         assert torch.equal(resumed[0], fresh[start][0]) and torch.equal(resumed[1], fresh[start][1])
     with pytest.raises(DatasetError, match="do not make one batch"):
         next(train_batches(dataset, batch_per_rank=11))
+
+
+def test_a_slice_of_any_source_is_a_source(tmp_path):
+    whole = open_source("synthetic:10", img_size=(8, 8), num_classes=3)
+    head, tail = open_source("synthetic:10[:-3]", img_size=(8, 8), num_classes=3), open_source(
+        "synthetic:10[-3:]", img_size=(8, 8), num_classes=3
+    )
+    assert (len(head), len(tail)) == (7, 3)
+    assert [tail.label(i) for i in range(3)] == [whole.label(i) for i in range(7, 10)]
+    assert np.array_equal(np.asarray(tail.image(0)), np.asarray(whole.image(7)))
+    assert tail.identity()["slice"] == [7, 10] and tail.classes == whole.classes
+    with pytest.raises(DatasetError, match=r"synthetic:10\[5:5\]: the slice selects no images"):
+        open_source("synthetic:10[5:5]", img_size=(8, 8), num_classes=3)
