@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,9 +22,17 @@ sys.exit(main(["check"]))
 
 
 def test_wheel_installed_elsewhere_finds_and_checks_its_mappings(tmp_path: Path) -> None:
+    # Build from a copy of the package sources: setuptools builds in-tree (build/), which would litter the checkout
+    # and could carry stale files into the wheel.
+    src = tmp_path / "src"
+    for name in ("pyproject.toml", "README.md"):
+        src.mkdir(exist_ok=True)
+        shutil.copy2(ROOT / name, src / name)
+    for folder in ("converter", "kernels", "models", "mappings"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
         check=True, capture_output=True,
     )
     (wheel,) = wheels.glob("tmconvert-*.whl")
