@@ -6,6 +6,7 @@ dimension) followed by the raw values. Fashion-MNIST uses type 0x08 (uint8) with
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from dataclasses import dataclass
@@ -80,11 +81,18 @@ def fashion_mnist_root(root: str | Path | None = None) -> Path:
 
 
 def load_fashion_mnist(split: str, root: str | Path | None = None) -> ImageArrays:
-    """Load the 'train' (60,000) or 'test' (10,000) split."""
+    """Load the 'train' (60,000) or 'test' (10,000) split.
+
+    Cached per folder and split: a conversion validates `--calib`, scores channels and verifies on the same images
+    without decompressing them three times. The arrays are shared, so callers must not modify them.
+    """
     if split not in ("train", "test"):
         raise DatasetError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
-    base = fashion_mnist_root(root)
-    stem = "train" if split == "train" else "t10k"
+    return _load_split(fashion_mnist_root(root).resolve(), "train" if split == "train" else "t10k")
+
+
+@functools.lru_cache(maxsize=2)
+def _load_split(base: Path, stem: str) -> ImageArrays:
 
     def find(name: str) -> Path:
         gz = base / f"{name}.gz"
