@@ -210,15 +210,18 @@ def sweep_configs(shape: Shape, device: str) -> list[sst.LaunchConfig]:
         block_d = sst._channel_block(channels, block_d)
         return dataclasses.replace(base, fwd_block_d=block_d, fwd_tile_l=tile, fwd_segments=segments)
 
-    def bwd(block_d: int, tile: int, block_l: int = 1, segments: int = base.bwd_segments) -> sst.LaunchConfig:
+    def bwd(block_d: int, tile: int, block_l: int = 1, segments: int | None = None) -> sst.LaunchConfig:
+        segments = segments or sst._segments(shape.batch * shape.dim // block_d, math.ceil(shape.seqlen / 64),
+                                             torch.device(device), per_multiprocessor=2)  # fmt: skip
         block_d = sst._channel_block(channels, block_d)
         return dataclasses.replace(
             base, bwd_block_d=block_d, bwd_tile_l=tile, bwd_block_l=block_l, bwd_segments=segments
         )
 
-    configs = [base, fwd(8), fwd(32), fwd(16, tile=16)]
-    configs += [bwd(32, 1), bwd(16, 1), bwd(8, 4), bwd(8, 4, block_l=4)]
-    configs += [fwd(16, segments=s) for s in (1, 2, 4, 8)] + [bwd(32, 1, segments=s) for s in (1, 2, 4, 8)]
+    configs = [base, fwd(8), fwd(16), fwd(32), fwd(16, tile=16)]
+    configs += [fwd(width, segments=s) for width in (16, 32) for s in (1, 2, 4, 8, 16)]
+    configs += [bwd(8, 4, 4, segments=s) for s in (1, 2, 4, 8, 16)]
+    configs += [bwd(4, 4, 4), bwd(16, 4, 4), bwd(8, 8, 8), bwd(16, 2), bwd(32, 1)]
     seen: list[sst.LaunchConfig] = []
     for config in configs:
         try:

@@ -58,39 +58,47 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _segments(programs: int, n_chunks: int, device: torch.device) -> int:
-    """Split the sequence until there are ~8 one-warp programs per multiprocessor (latency hiding), at most 16."""
+def _segments(programs: int, n_chunks: int, device: torch.device, per_multiprocessor: int) -> int:
+    """Split the sequence until there are `per_multiprocessor` one-warp programs per multiprocessor (latency
+    hiding), at most 16 segments and whole chunks per segment."""
     segments = 1
-    while programs * segments < 8 * _multiprocessors(device) and segments * 2 <= min(n_chunks, 16):
+    while programs * segments < per_multiprocessor * _multiprocessors(device) and segments * 2 <= min(n_chunks, 16):
         segments *= 2
     return segments
 
 
 def launch_config(batch: int, dim: int, groups: int, dstate: int, seqlen: int, device: torch.device) -> LaunchConfig:
-    """One-warp programs. Forward: 16 channels (H200 sweep in docs/kernels.md: faster than 32-256 channels and 2-8
-    warps on every workload; fewer for N > 32 so a thread holds at most 16 states), 8-step tiles, single-step
-    sub-tiles. Backward, which keeps ~6 state arrays live: at most 8 states per thread with 2-step tiles (16
-    channels at N = 16), 32 channels and single steps for N < 8 (whose states would leave lanes idle otherwise).
-    Long sequences with few channel blocks are split into segments."""
+    """One-warp programs, chosen by the H200 sweeps in docs/kernels.md (benchmarks/scan.py --sweep).
+
+    Forward: 16 channels per program (faster than 8-256 channels and 2-8 warps at the ViM shapes), 8-step tiles,
+    single-step sub-tiles, fewer channels for N > 32 so a thread holds at most 16 states. When there are fewer than
+    16 programs per multiprocessor (long sequences, small batches) the sequence is split into segments until there
+    are, with 32 channels per program for N >= 8 (VideoMamba 8 frames: 0.42 ms against 0.63 ms for 16 channels and
+    4 segments). Backward: 4-step register blocks of 8 channels, fewer for N > 16 so a thread holds at most 16 of
+    each of its ~6 live state arrays, segments only below 2 programs per multiprocessor (ViM-S 2.10 ms, VideoMamba
+    1.56 ms, VMamba stage 1 1.61 ms forward+backward, against 2.78, 2.57 and 3.82 ms for the 1-2-step, 16-32-channel
+    programs before)."""
     channels = dim // groups
     block_n = triton.next_power_of_2(dstate)
     chunk_len = min(triton.next_power_of_2(seqlen), 64)
     n_chunks = triton.cdiv(seqlen, chunk_len)
-    fwd_block_d = _channel_block(channels, max(1, min(16, 512 // block_n)))
-    wide_state = block_n >= 8
-    bwd_block_d = _channel_block(channels, max(1, min(16, 256 // block_n)) if wide_state else 32)
+    few_programs = batch * dim // _channel_block(channels, 16) < 16 * _multiprocessors(device)
+    fwd_width = 32 if few_programs and block_n >= 8 else 16
+    fwd_block_d = _channel_block(channels, max(1, min(fwd_width, 512 // block_n)))
+    bwd_block_d = _channel_block(channels, max(1, min(8, 128 // block_n)))
+    bwd_tile_l = min(chunk_len, 4)
     return LaunchConfig(
         chunk_len=chunk_len,
         fwd_tile_l=min(chunk_len, 8),
         fwd_block_l=1,
         fwd_block_d=fwd_block_d,
         fwd_warps=1,
-        fwd_segments=_segments(batch * dim // fwd_block_d, n_chunks, device),
-        bwd_tile_l=min(chunk_len, 2 if wide_state else 1),
-        bwd_block_l=1,
+        fwd_segments=_segments(batch * dim // fwd_block_d, n_chunks, device, per_multiprocessor=16),
+        bwd_tile_l=bwd_tile_l,
+        bwd_block_l=bwd_tile_l,
         bwd_block_d=bwd_block_d,
         bwd_warps=1,
-        bwd_segments=_segments(batch * dim // bwd_block_d, n_chunks, device),
+        bwd_segments=_segments(batch * dim // bwd_block_d, n_chunks, device, per_multiprocessor=2),
     )
 
 
