@@ -156,7 +156,6 @@ class DistillRequest:
     force: bool = False
     stop_after: int | None = None  # stop (with a checkpoint) once this global step is done
     time_limit: float | None = None  # seconds; stop (with a checkpoint) at the first log step past it
-    device: str | None = None
     num_heads: int | None = None  # teacher heads, when shapes cannot tell
 
 
@@ -209,6 +208,7 @@ class PreparedRun:
     fingerprint: str
     fingerprint_parts: dict[str, Any]
     notes: list[str]
+    dist: DistContext  # the processes and device the run was prepared for, and trains on
     resume_state: dict[str, Any] | None = None  # the checkpoint to continue from (--resume), fingerprint checked
 
 
@@ -360,6 +360,7 @@ def prepare_run(request: DistillRequest, dist: DistContext | None = None) -> Pre
     resume_state = load_checkpoint(paths.checkpoint, fingerprint, parts) if request.resume else None
     return PreparedRun(
         request=request,
+        dist=dist,
         recipe=recipe,
         teacher=teacher,
         student=student,
@@ -762,13 +763,14 @@ def _log_values(out: LossOutput, dist: DistContext) -> tuple[float, dict[str, fl
 
 def run_distillation(
     prepared: PreparedRun,
-    dist: DistContext | None = None,
     *,
     on_report: Callable[[StepReport], None] | None = None,
     on_note: Callable[[str], None] | None = None,
 ) -> DistillResult:
-    """Train (fresh or resumed) until the recipe's steps are done or a stop condition hits; write the outputs."""
-    dist = dist or DistContext()
+    """Train (fresh or resumed) until the recipe's steps are done or a stop condition hits; write the outputs.
+
+    Trains on the device and processes `prepare_run` was given (`prepared.dist`)."""
+    dist = prepared.dist
     start_time = time.perf_counter()
     recipe, request, paths = prepared.recipe, prepared.request, prepared.paths
     state, prepared.resume_state = prepared.resume_state, None

@@ -84,14 +84,14 @@ def distill(
              "loss.pairs": parse_pairs(pairs) if pairs is not None else None}  # fmt: skip
     loaded = load_recipe(recipe, overrides or [], flags)
     request = DistillRequest(teacher=teacher, student=student, data=data, out=out, recipe=loaded, resume=resume,
-                             force=force, stop_after=stop_after, time_limit=time_limit, device=device,
+                             force=force, stop_after=stop_after, time_limit=time_limit,
                              num_heads=heads)  # fmt: skip
     dist = init_distributed(device)
     try:
         prepared = prepare_run(request, dist)
         show = dist.is_main and not as_json
         with _ProgressDisplay(enabled=show) as display:
-            result = run_distillation(prepared, dist, on_report=display.report, on_note=display.note)
+            result = run_distillation(prepared, on_report=display.report, on_note=display.note)
     finally:
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()
