@@ -23,6 +23,9 @@ filled over several invocations (`--max-minutes` stops cleanly before a time lim
 mean ± std over seeds per arm and step count.
 
     python benchmarks/distill_experiment.py --out runs/exp --steps 500,2000 --seeds 0,1,2 --lrs 5e-4,1e-3,2e-3
+    python benchmarks/distill_experiment.py --out runs/exp --seeds 0 --lrs 5e-4,1e-3,2e-3 && \\
+    python benchmarks/distill_experiment.py --out runs/exp --seeds 1,2 --lrs best      # sweep on seed 0 only
+    benchmarks/distill_experiment_parallel.sh 8 runs/exp --seeds 0 --lrs ...   # 8 shard processes per visible GPU
     python benchmarks/distill_experiment.py --out /tmp/exp --steps 2 --seeds 0 --batch-size 8 \\
         --eval-limit 32 --workers 0                                                                 # CPU smoke test
 """
@@ -115,8 +118,8 @@ def _run_arm(arm: str, seed: int, steps: int, lr: float | None, args: argparse.N
     resume = (folder / "checkpoint.pt").exists()
     if not (folder / "student.safetensors").exists():
         request = DistillRequest(teacher=args.teacher, student=student, data=train_data, out=folder, recipe=loaded,
-                                 resume=resume, force=not resume, time_limit=max(1.0, deadline - time.monotonic()),
-                                 device=args.device)  # fmt: skip
+                                 resume=resume, force=not resume,
+                                 time_limit=max(1.0, deadline - time.monotonic()))  # fmt: skip
         result = run_distillation(prepare_run(request, dist))
         if not result.finished:
             return None
@@ -132,28 +135,66 @@ def _run_arm(arm: str, seed: int, steps: int, lr: float | None, args: argparse.N
     return row
 
 
+ByRate = dict[float | None, list[dict[str, Any]]]
+
+
+def _read_rows(results: Path) -> dict[tuple[str, int], ByRate]:
+    """results.jsonl grouped by (arm, steps), then by learning rate."""
+    groups: dict[tuple[str, int], ByRate] = {}
+    if results.exists():
+        for line in results.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                groups.setdefault((r["arm"], r["steps"]), {}).setdefault(r.get("lr"), []).append(r)
+    return groups
+
+
+def _holdout_scores(by_lr: ByRate) -> dict[float | None, float]:
+    """Mean hold-out top-1 per rate over the seeds every rate was run with (a sweep may use seed 0 only and the
+    chosen rate more seeds: comparing means over different seeds would favour whichever rate got the luckier ones)."""
+    common = set.intersection(*({r["seed"] for r in rs} for rs in by_lr.values()))
+    scores = {}
+    for lr, rs in by_lr.items():
+        vals = [r["val_top1"] for r in rs if r.get("val_top1") is not None and r["seed"] in common]
+        scores[lr] = statistics.mean(vals) if vals else float("-inf")
+    return scores
+
+
+def _chosen_rate(by_lr: ByRate) -> float | None:
+    scores = _holdout_scores(by_lr)
+    return max(by_lr, key=lambda lr: scores[lr]) if len(by_lr) > 1 else next(iter(by_lr))
+
+
+def _best_rates(results: Path, arms: list[str], steps: list[int]) -> dict[tuple[str, int], float]:
+    """`--lrs best`: each (arm, steps) trains at the rate its earlier sweep chose on the hold-out; the ablations of c
+    (c-*) use c's rate, as ablations usually do."""
+    groups = _read_rows(results)
+    rates = {}
+    for arm in arms:
+        source = "c" if arm.startswith("c-") else arm
+        for n in steps:
+            if (source, n) not in groups or _chosen_rate(groups[(source, n)]) is None:
+                raise SystemExit(f"--lrs best: no learning-rate sweep of arm {source} at {n} steps in {results}")
+            rates[(arm, n)] = _chosen_rate(groups[(source, n)])
+    return rates
+
+
 def _summary(results: Path) -> str:
     """Per arm and step count, the rate with the best mean hold-out top-1 (when rates were swept) and its test top-1."""
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    groups: dict[tuple[str, int], dict[float | None, list[dict[str, Any]]]] = {}
-    for r in rows:
-        groups.setdefault((r["arm"], r["steps"]), {}).setdefault(r.get("lr"), []).append(r)
     order = ["teacher", "c0", *ARMS]
     lines = ["| arm | steps | lr (chosen on hold-out) | seeds | test top-1 % (mean ± std) | hold-out top-1 % by lr |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    groups = _read_rows(results)
     for (arm, steps), by_lr in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
-        def val(lr: float | None, by_lr: dict[float | None, list[dict[str, Any]]] = by_lr) -> float:
-            scores = [r["val_top1"] for r in by_lr[lr] if r.get("val_top1") is not None]
-            return statistics.mean(scores) if scores else float("-inf")
-
-        best = max(by_lr, key=val) if len(by_lr) > 1 else next(iter(by_lr))
+        scores = _holdout_scores(by_lr)
+        best = _chosen_rate(by_lr)
         accs = [100 * r["top1"] for r in by_lr[best]]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        sweep = ", ".join(f"{lr:g}: {100 * val(lr):.2f}" for lr in sorted(by_lr, key=lambda v: v or 0)
-                          if lr is not None and val(lr) > float("-inf"))
+        sweep = ", ".join(f"{lr:g}: {100 * scores[lr]:.2f}" for lr in sorted(by_lr, key=lambda v: v or 0)
+                          if lr is not None and scores[lr] > float("-inf"))  # fmt: skip
         chosen = "recipe" if best is None else f"{best:g}"
         lines.append(f"| {arm} | {steps} | {chosen} | {len(accs)} | {statistics.mean(accs):.2f} ± {std:.2f} | "
-                     f"{sweep} |")
+                     f"{sweep} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -168,7 +209,11 @@ def main() -> None:
     parser.add_argument("--steps", default="500,2000", help="comma list of step counts")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lrs", default="", help="comma list of peak learning rates to sweep per arm (default: the "
-                        "recipe's optim.lr)")
+                        "recipe's optim.lr), or 'best': the rate an earlier sweep in OUT chose for the arm (c's for "
+                        "the c-* ablations)")
+    parser.add_argument("--summary-only", action="store_true", help="write OUT/summary.md from the results and stop")
+    parser.add_argument("--prepare-only", action="store_true", help="score the teacher, convert and score each seed's "
+                        "student, and stop (run once before starting shards, so they never convert concurrently)")
     parser.add_argument("--val-images", type=int, default=5000,
                         help="training images held out to choose the rate (0: train on all, no hold-out)")
     parser.add_argument("--recipe", default=None, help="recipe file or shipped name (default: default)")
@@ -177,42 +222,60 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--device", default=None, choices=(None, "cpu", "cuda"))
     parser.add_argument("--max-minutes", type=float, default=None, help="stop launching and stop training after")
+    parser.add_argument("--shard", default="0/1", help="I/K: run every K-th training job starting at the I-th, so K "
+                        "processes (one GPU each, or several per GPU) fill one OUT together; shard 0 also scores the "
+                        "teacher and the converted students")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "distill-experiment")
     args = parser.parse_args()
     unknown = sorted(set(args.arms.split(",")) - set(ARMS))
     if unknown:
         parser.error(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
+    try:
+        shard, n_shards = (int(v) for v in args.shard.split("/"))
+    except ValueError:
+        parser.error(f"--shard {args.shard!r}: expected I/K with integers 0 <= I < K")
+    if not 0 <= shard < n_shards:
+        parser.error(f"--shard {args.shard!r}: expected I/K with integers 0 <= I < K")
 
+    if args.summary_only:
+        summary = _summary(args.out / "results.jsonl")
+        (args.out / "summary.md").write_text(summary)
+        print(summary)
+        return
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else float("inf")
     dist = init_distributed(args.device)
     results = args.out / "results.jsonl"
     done = _done(results)
     seeds = [int(s) for s in args.seeds.split(",")]
-    if ("teacher", 0, 0, None) not in done:
+    if shard == 0 and ("teacher", 0, 0, None) not in done:
         _append(results, {"arm": "teacher", "seed": 0, "steps": 0,
                           **_test_accuracy(args.teacher, args.data, args, dist.device)})  # fmt: skip
     for seed in seeds:
-        if ("c0", seed, 0, None) not in done and any(ARMS[a][0] for a in args.arms.split(",")):
+        if shard == 0 and ("c0", seed, 0, None) not in done and any(ARMS[a][0] for a in args.arms.split(",")):
             row = {"arm": "c0", "seed": seed, "steps": 0, **_test_accuracy(_converted(args, seed), args.data, args,
                                                                            dist.device)}  # fmt: skip
             _append(results, row)
-    lrs: list[float | None] = [float(v) for v in args.lrs.split(",") if v] or [None]
-    for steps in (int(s) for s in args.steps.split(",")):
-        for arm in args.arms.split(","):
-            for lr in lrs:
-                for seed in seeds:
-                    if (arm, seed, steps, lr) in done:
-                        continue
-                    if time.monotonic() >= deadline:
-                        print(f"time budget spent; rerun to continue ({results})", flush=True)
-                        break
-                    row = _run_arm(arm, seed, steps, lr, args, dist, deadline)
-                    if row is None:
-                        print(f"{arm} lr {lr} seed {seed} {steps} steps stopped at the time budget; rerun to resume",
-                              flush=True)  # fmt: skip
-                        break
-                    _append(results, row)
+    if args.prepare_only:
+        return
+    arms, step_counts = args.arms.split(","), [int(s) for s in args.steps.split(",")]
+    if args.lrs == "best":
+        best = _best_rates(results, arms, step_counts)
+        jobs = [(arm, seed, n, best[(arm, n)]) for n in step_counts for arm in arms for seed in seeds]
+    else:
+        lrs: list[float | None] = [float(v) for v in args.lrs.split(",") if v] or [None]
+        jobs = [(arm, seed, n, lr) for n in step_counts for arm in arms for lr in lrs for seed in seeds]
+    for arm, seed, steps, lr in jobs[shard::n_shards]:
+        if (arm, seed, steps, lr) in done:
+            continue
+        if time.monotonic() >= deadline:
+            print(f"time budget spent; rerun to continue ({results})", flush=True)
+            break
+        row = _run_arm(arm, seed, steps, lr, args, dist, deadline)
+        if row is None:
+            print(f"{arm} lr {lr} seed {seed} {steps} steps stopped at the time budget; rerun to resume", flush=True)
+            break
+        _append(results, row)
     summary = _summary(results)
     (args.out / "summary.md").write_text(summary)
     print(summary)
