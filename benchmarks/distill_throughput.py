@@ -6,8 +6,11 @@ bidirectional feature alignment on the even layer pairing). Batches are random t
 number is the model's, not the image loader's. On a GPU it also reports the share of the step spent in the
 selective-scan kernels (from the CUDA profiler: kernels whose name contains "scan").
 
-    python benchmarks/distill_throughput.py                                  # one GPU
-    torchrun --nproc_per_node 2 benchmarks/distill_throughput.py             # two GPUs (DDP, NCCL)
+    python benchmarks/distill_throughput.py                                  # one GPU, eager steps
+    python benchmarks/distill_throughput.py --cuda-graph true                # one GPU, CUDA-graph steps
+    torchrun --nproc_per_node 2 benchmarks/distill_throughput.py             # two GPUs (DDP, NCCL; eager steps)
+    python benchmarks/distill_throughput.py --teacher deit-t --student vim-t --img-size 28 --patch-size 4 \\
+        --cuda-graph true                                                    # the Fashion-MNIST experiment's step
     python benchmarks/distill_throughput.py --tiny --steps 3 --warmup 1      # CPU smoke test
 
 Prints one JSON line (rank 0): configuration, img/s over all processes, per-GPU img/s, ms/step, peak memory, scan
@@ -41,6 +44,8 @@ def _models(args: argparse.Namespace) -> tuple[ViTConfig, VimConfig]:
     if args.tiny:
         return TINY_TEACHER, TINY_STUDENT
     teacher = dataclasses.replace(get_config(args.teacher), img_size=(args.img_size, args.img_size))
+    if args.patch_size:
+        teacher = dataclasses.replace(teacher, patch_size=args.patch_size)
     return teacher, derive_target_config(args.student, teacher)
 
 
@@ -68,11 +73,15 @@ def main() -> None:
     parser.add_argument("--teacher", default="deit-b", help="registry name of the teacher shape")
     parser.add_argument("--student", default="vim-s", help="registry name of the student")
     parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--patch-size", type=int, default=None, help="teacher (and student) patch size (default: the "
+                        "teacher's; 4 for the Fashion-MNIST models at 28 px)")  # fmt: skip
     parser.add_argument("--batch-per-gpu", type=int, default=128, help="images per process and step")
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (kernel compilation, autotune)")
     parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps for the scan share (GPU)")
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"))
+    parser.add_argument("--cuda-graph", default="false", choices=("auto", "true", "false"),
+                        help="run.cuda_graph: replay steps as CUDA graphs (auto: on one GPU, never under torchrun)")
     parser.add_argument("--tiny", action="store_true", help="tiny models at 32 px (CPU smoke test)")
     args = parser.parse_args()
 
@@ -80,7 +89,8 @@ def main() -> None:
     teacher_cfg, student_cfg = _models(args)
     steps = args.warmup + args.steps + args.profile_steps
     batch = args.batch_per_gpu * dist.world
-    recipe = Recipe.model_validate({"steps": steps, "batch_size": batch, "run": {"amp": args.amp}})
+    graph = {"auto": "auto", "true": True, "false": False}[args.cuda_graph]
+    recipe = Recipe.model_validate({"steps": steps, "batch_size": batch, "run": {"amp": args.amp, "cuda_graph": graph}})
     torch.manual_seed(0)
     teacher = VisionTransformer(teacher_cfg, seed=0)
     student = VisionMamba(student_cfg, seed=0)
@@ -112,10 +122,12 @@ def main() -> None:
             "teacher": "tiny" if args.tiny else args.teacher,
             "student": "tiny" if args.tiny else args.student,
             "img_size": teacher_cfg.img_size[0],
+            "patch_size": teacher_cfg.patch_size,
             "world": dist.world,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "batch_per_gpu": args.batch_per_gpu,
             "amp_bf16": trainer.amp,
+            "cuda_graph": trainer.cuda_graph,
             "scan_backend": resolve_backend(device),
             "images_per_second": round(images_total / seconds, 1),
             "images_per_second_per_gpu": round(images_total / seconds / dist.world, 1),

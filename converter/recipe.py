@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+)
 from pydantic import ValidationError as PydanticValidationError
 
 from tmconvert.converter.errors import RecipeError
@@ -82,8 +91,15 @@ class RunRecipe(_Section):
     """How the run is carried out; changing these does not change what is computed (not in the fingerprint)."""
 
     amp: Literal["auto", "bf16", "off"] = "auto"
+    cuda_graph: Literal["auto"] | bool = False  # opt-in until measured on GPUs (docs/distill.md)
     checkpoint_every: NonNegativeInt = 500
     log_every: PositiveInt = 10
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _bare_off(cls, value: object) -> object:
+        """YAML reads a bare `off` as false."""
+        return "off" if value is False else value
 
 
 class Recipe(_Section):

@@ -458,14 +458,34 @@ def resolve_amp(setting: str, device: torch.device) -> bool:
     return setting == "bf16" or (setting == "auto" and device.type == "cuda")
 
 
+def resolve_cuda_graph(setting: str | bool, dist: DistContext) -> bool:
+    """Replay each training step as one CUDA graph: `auto` on a single CUDA process, true there or an error, false.
+
+    A small student's step is thousands of short kernels whose launches, not the GPU, set the pace (ViM-T on 28 px
+    images); one graph replay launches them all at once. Not under DDP (its hooks synchronise between processes)."""
+    possible = dist.device.type == "cuda" and not dist.distributed
+    if setting is True and not possible:
+        where = "under torchrun (DDP)" if dist.distributed else f"on {dist.device.type}"
+        raise ConfigError(f"run.cuda_graph=true: CUDA graphs need one CUDA process, this run is {where}")
+    return possible and setting is not False
+
+
 @dataclass
 class StepResult:
     loss: LossOutput
     grad_norm: torch.Tensor | None
 
 
+GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture: lazy initialisation (cuBLAS, Triton) settles
+
+
 class Trainer:
-    """One optimisation step of the student (and projectors) against a frozen teacher, and its resumable state."""
+    """One optimisation step of the student (and projectors) against a frozen teacher, and its resumable state.
+
+    With CUDA graphs (`run.cuda_graph`) the first GRAPH_WARMUP_STEPS steps run eagerly, the next one is captured
+    (forward, backward, clipping and the AdamW update, on static input buffers) and every later step copies its batch
+    into those buffers and replays the graph. The learning rate then lives in a device tensor that the schedule
+    fills between replays; the arithmetic is the eager step's."""
 
     def __init__(
         self,
@@ -491,17 +511,37 @@ class Trainer:
             self.model = DistributedDataParallel(
                 self.module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused
             )
+        self.cuda_graph = resolve_cuda_graph(recipe.run.cuda_graph, self.dist)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.module, recipe.optim.weight_decay),
             lr=recipe.optim.lr,
             betas=recipe.optim.betas,
             eps=recipe.optim.eps,
         )
+        self._place_optimizer_state()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(recipe))
         self.amp = resolve_amp(recipe.run.amp, device)
         self.step = 0
         adaptive_and_shared = recipe.loss.adaptive and self.dist.distributed
         self._reduce = self.dist.mean if adaptive_and_shared else None
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static: tuple[torch.Tensor, torch.Tensor | None, StepResult] | None = None
+        self._eager_steps = 0
+
+    def _place_optimizer_state(self) -> None:
+        """Fit AdamW's groups and state to this run's mode, whichever mode wrote a resumed checkpoint. For graph
+        capture AdamW must be `capturable` (step counts on the device) and read its rate from a device tensor; the
+        schedule's base rate stays a float, so filling that tensor never synchronises."""
+        device = self.dist.device
+        for group in self.optimizer.param_groups:
+            group["capturable"] = self.cuda_graph
+            rate = float(group["lr"])
+            group["lr"] = torch.tensor(rate, device=device) if self.cuda_graph else rate
+            group.setdefault("initial_lr", self.recipe.optim.lr)
+        self._lr_tensors = [group["lr"] for group in self.optimizer.param_groups] if self.cuda_graph else []
+        for state in self.optimizer.state.values():
+            if "step" in state:
+                state["step"] = state["step"].to(device if self.cuda_graph else "cpu", torch.float32)
 
     @property
     def student(self) -> VisionMamba:
@@ -509,25 +549,69 @@ class Trainer:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return float(self.optimizer.param_groups[0]["lr"])
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor | None) -> StepResult:
+    def _compute(self, images: torch.Tensor, labels: torch.Tensor | None, zero_grad: bool = True) -> StepResult:
+        """Forward, backward, clipping and the AdamW update on batches already on the device."""
         device = self.dist.device
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True) if labels is not None else None
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp):
+        autocast = {"dtype": torch.bfloat16, "enabled": self.amp, "cache_enabled": not self.cuda_graph}
+        with torch.no_grad(), torch.autocast(device.type, **autocast):
             teacher_out = self.teacher.forward_all(images)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(device.type, **autocast):
             loss = self.model(images, teacher_out.logits, teacher_out.layer_tokens, labels, self._reduce)
-        self.optimizer.zero_grad(set_to_none=True)
+        if zero_grad:
+            self.optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
         grad_norm = None
         if self.recipe.optim.grad_clip > 0:
             grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), self.recipe.optim.grad_clip)
         self.optimizer.step()
-        self.scheduler.step()
-        self.step += 1
         return StepResult(loss, grad_norm)
+
+    def _graph_step(self, images: torch.Tensor, labels: torch.Tensor | None) -> StepResult:
+        device = self.dist.device
+        if self._graph is None and self._eager_steps < GRAPH_WARMUP_STEPS:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                result = self._compute(images, labels)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self._eager_steps += 1
+            return result
+        if self._graph is None:
+            static_images = images.clone()
+            static_labels = labels.clone() if labels is not None else None
+            self.optimizer.zero_grad(set_to_none=True)  # the captured backward then writes (not adds) the grads
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                result = self._compute(static_images, static_labels, zero_grad=False)
+            self._graph, self._static = graph, (static_images, static_labels, result)
+        else:
+            static_images, static_labels, result = self._static  # type: ignore[misc]
+            static_images.copy_(images)
+            if static_labels is not None and labels is not None:
+                static_labels.copy_(labels)
+        self._graph.replay()
+        return result
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor | None) -> StepResult:
+        device = self.dist.device
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True) if labels is not None else None
+        result = self._graph_step(images, labels) if self.cuda_graph else self._compute(images, labels)
+        self.scheduler.step()
+        if self.cuda_graph:
+            self._keep_lr_tensors()
+        self.step += 1
+        return result
+
+    def _keep_lr_tensors(self) -> None:
+        """The captured AdamW update reads each group's rate tensor; a scheduler that assigned a float instead (older
+        PyTorch) would freeze the rate, so the float goes into the tensor."""
+        for group, rate in zip(self.optimizer.param_groups, self._lr_tensors, strict=True):
+            if group["lr"] is not rate:
+                rate.fill_(float(group["lr"]))
+                group["lr"] = rate
 
     # -- resumable state ------------------------------------------------------------------------------------------
 
@@ -551,6 +635,7 @@ class Trainer:
         self.module.student.load_state_dict(state["student"], strict=True)
         self.module.loss.load_state_dict(state["projectors"], strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
+        self._place_optimizer_state()
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         rng = state["rng"][self.dist.rank]
@@ -728,7 +813,7 @@ class DistillResult:
                 "final": self.final, "seconds": round(self.seconds, 2), "notes": self.notes}  # fmt: skip
 
 
-def _run_record(prepared: PreparedRun, dist: DistContext, amp: bool) -> dict[str, Any]:
+def _run_record(prepared: PreparedRun, dist: DistContext, trainer: Trainer) -> dict[str, Any]:
     request = prepared.request
     return {
         "fingerprint": prepared.fingerprint,
@@ -746,7 +831,8 @@ def _run_record(prepared: PreparedRun, dist: DistContext, amp: bool) -> dict[str
         "overrides": list(request.recipe.overrides),
         "world": dist.world,
         "device": str(dist.device),
-        "amp_bf16": amp,
+        "amp_bf16": trainer.amp,
+        "cuda_graph": trainer.cuda_graph,
         "notes": prepared.notes,
         "tmconvert_version": __version__,
         "torch_version": torch.__version__,
@@ -785,7 +871,7 @@ def run_distillation(
         paths.folder.mkdir(parents=True, exist_ok=True)
         for stale in (paths.checkpoint, paths.student, paths.sidecar):
             stale.unlink(missing_ok=True)  # --force: a new run must not leave the old one's results around
-        write_text_atomic(paths.run, json.dumps(_run_record(prepared, dist, trainer.amp), indent=2) + "\n")
+        write_text_atomic(paths.run, json.dumps(_run_record(prepared, dist, trainer), indent=2) + "\n")
         write_text_atomic(paths.recipe, recipe.to_yaml())
     dist.barrier()
     metrics = MetricsLog(paths.metrics, enabled=dist.is_main, resume_step=trainer.step if request.resume else None)
