@@ -142,10 +142,12 @@ def selective_scan_naive(
     A = A.to(dtype)
     state = torch.zeros(batch, dim, A.shape[1], dtype=dtype, device=u.device)
     outputs: list[torch.Tensor | None] = [None] * seqlen
+    # One unbind per input, not an index per step: the backward of L indexings would write L full-size gradients.
+    delta_t, u_t, B_t, C_t = delta.unbind(-1), uf.unbind(-1), B_per_channel.unbind(-1), C_per_channel.unbind(-1)
     for t in reversed(range(seqlen)) if reverse else range(seqlen):
-        decay = torch.exp(delta[:, :, t, None] * A)
-        state = decay * state + (delta[:, :, t] * uf[:, :, t])[:, :, None] * B_per_channel[:, :, :, t]
-        outputs[t] = (state * C_per_channel[:, :, :, t]).sum(-1)
+        decay = torch.exp(delta_t[t][:, :, None] * A)
+        state = decay * state + (delta_t[t] * u_t[t])[:, :, None] * B_t[t]
+        outputs[t] = (state * C_t[t]).sum(-1)
     out = _skip_and_gate(torch.stack(outputs, dim=-1), uf, D, z).to(u.dtype)
     return (out, state) if return_last_state else out
 
