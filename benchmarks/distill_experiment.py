@@ -195,6 +195,32 @@ def _summary(results: Path) -> str:
         chosen = "recipe" if best is None else f"{best:g}"
         lines.append(f"| {arm} | {steps} | {chosen} | {len(accs)} | {statistics.mean(accs):.2f} ± {std:.2f} | "
                      f"{sweep} |")  # fmt: skip
+    return "\n".join(lines) + "\n" + _targets(groups)
+
+
+def _targets(groups: dict[tuple[str, int], ByRate]) -> str:
+    """Issue #6's two targets, from each arm's chosen-rate mean test top-1: (c) at least 2 points above (a) at equal
+    steps, and (c) reaching (a)'s final accuracy (at a's largest step count) within a third of those steps."""
+    mean = {key: statistics.mean(100 * r["top1"] for r in by_lr[_chosen_rate(by_lr)]) for key, by_lr in groups.items()}
+    steps_a = sorted(n for arm, n in mean if arm == "a")
+    steps_c = sorted(n for arm, n in mean if arm == "c")
+    if not steps_a or not steps_c:
+        return ""
+    lines = ["", "Targets (mean test top-1 at each arm's chosen rate):", ""]
+    for n in sorted(set(steps_a) & set(steps_c)):
+        gap = mean[("c", n)] - mean[("a", n)]
+        lines.append(f"- {n} steps: (c) - (a) = {gap:+.2f} points (target >= +2: {'met' if gap >= 2 - 1e-9 else 'missed'})")
+    final_steps = steps_a[-1]
+    final = mean[("a", final_steps)]
+    reached = [n for n in steps_c if mean[("c", n)] >= final]
+    if reached:
+        ratio = reached[0] / final_steps
+        verdict = "met" if ratio <= 1 / 3 else "missed"
+        lines.append(f"- (c) reaches (a)'s {final_steps}-step accuracy ({final:.2f} %) at {reached[0]} steps, "
+                     f"{ratio:.2f}x the steps (target <= 1/3: {verdict})")  # fmt: skip
+    else:
+        lines.append(f"- (c) does not reach (a)'s {final_steps}-step accuracy ({final:.2f} %) at any step count run "
+                     f"(target: within 1/3 of the steps: missed)")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
