@@ -209,7 +209,8 @@ def _targets(groups: dict[tuple[str, int], ByRate]) -> str:
     lines = ["", "Targets (mean test top-1 at each arm's chosen rate):", ""]
     for n in sorted(set(steps_a) & set(steps_c)):
         gap = mean[("c", n)] - mean[("a", n)]
-        lines.append(f"- {n} steps: (c) - (a) = {gap:+.2f} points (target >= +2: {'met' if gap >= 2 - 1e-9 else 'missed'})")
+        verdict = "met" if gap >= 2 - 1e-9 else "missed"
+        lines.append(f"- {n} steps: (c) - (a) = {gap:+.2f} points (target >= +2: {verdict})")
     final_steps = steps_a[-1]
     final = mean[("a", final_steps)]
     reached = [n for n in steps_c if mean[("c", n)] >= final]
