@@ -462,7 +462,8 @@ def resolve_cuda_graph(setting: str | bool, dist: DistContext) -> bool:
     """Replay each training step as one CUDA graph: `auto` on a single CUDA process, true there or an error, false.
 
     A small student's step is thousands of short kernels whose launches, not the GPU, set the pace (ViM-T on 28 px
-    images); one graph replay launches them all at once. Not under DDP (its hooks synchronise between processes)."""
+    images); one graph replay launches them all at once. Not under DDP, whose gradient all-reduce hooks run outside
+    the captured step."""
     possible = dist.device.type == "cuda" and not dist.distributed
     if setting is True and not possible:
         where = "under torchrun (DDP)" if dist.distributed else f"on {dist.device.type}"
