@@ -173,9 +173,10 @@ def _best_rates(results: Path, arms: list[str], steps: list[int]) -> dict[tuple[
     for arm in arms:
         source = "c" if arm.startswith("c-") else arm
         for n in steps:
-            if (source, n) not in groups or _chosen_rate(groups[(source, n)]) is None:
+            rate = _chosen_rate(groups[(source, n)]) if (source, n) in groups else None
+            if rate is None:
                 raise SystemExit(f"--lrs best: no learning-rate sweep of arm {source} at {n} steps in {results}")
-            rates[(arm, n)] = _chosen_rate(groups[(source, n)])
+            rates[(arm, n)] = rate
     return rates
 
 

@@ -211,8 +211,9 @@ def sweep_configs(shape: Shape, device: str) -> list[sst.LaunchConfig]:
         return dataclasses.replace(base, fwd_block_d=block_d, fwd_tile_l=tile, fwd_segments=segments)
 
     def bwd(block_d: int, tile: int, block_l: int = 1, segments: int | None = None) -> sst.LaunchConfig:
-        segments = segments or sst._segments(shape.batch * shape.dim // block_d, math.ceil(shape.seqlen / 64),
-                                             torch.device(device), per_multiprocessor=2)  # fmt: skip
+        n_chunks = triton.cdiv(shape.seqlen, base.chunk_len)
+        segments = segments or sst._segments(shape.batch * shape.dim // block_d, n_chunks, torch.device(device),
+                                             per_multiprocessor=2)  # fmt: skip
         block_d = sst._channel_block(channels, block_d)
         return dataclasses.replace(
             base, bwd_block_d=block_d, bwd_tile_l=tile, bwd_block_l=block_l, bwd_segments=segments
