@@ -108,7 +108,9 @@ def masked_token_cosine(student: torch.Tensor, teacher: torch.Tensor, valid: tor
     cos = F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=1e-6)  # (B, L)
     if valid is None:
         return cos.mean()
-    return cos[:, valid].mean()
+    # a weighted mean rather than cos[:, valid]: boolean indexing would wait for the device (no CUDA-graph capture)
+    mask = valid.to(cos.dtype)
+    return (cos * mask).sum() / (mask.sum() * cos.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------

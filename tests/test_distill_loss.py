@@ -14,6 +14,7 @@ from tmconvert.converter.distill import (
     adaptive_weights,
     kd_loss,
     make_projector,
+    masked_token_cosine,
     token_alignment,
 )
 from tmconvert.converter.errors import RunError
@@ -163,3 +164,12 @@ def test_total_loss_is_the_weighted_sum_and_pieces_switch_off():
     out = kd_only(s_logits, None, t_logits, teacher_layers, labels)
     assert set(out.parts) == {"kd"} and not kd_only.needs_directions
     assert math.isclose(out.total.item(), out.parts["kd"].item(), rel_tol=1e-6)
+
+
+def test_masked_token_cosine_averages_only_the_valid_tokens():
+    student, teacher = torch.randn(3, 7, 5, dtype=torch.float64), torch.randn(3, 7, 5, dtype=torch.float64)
+    valid = torch.tensor([True, False, True, True, False, True, True])
+    expected = F.cosine_similarity(student[:, valid], teacher[:, valid], dim=-1).mean()
+    assert masked_token_cosine(student, teacher, valid).item() == pytest.approx(expected.item(), rel=1e-6)
+    everything = F.cosine_similarity(student, teacher, dim=-1).mean()
+    assert masked_token_cosine(student, teacher, None).item() == pytest.approx(everything.item(), rel=1e-6)
