@@ -563,6 +563,7 @@ class Trainer:
         if zero_grad:
             self.optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
+        loss.total = loss.total.detach()  # a caller holding the result must not keep this step's autograd graph alive
         grad_norm = None
         if self.recipe.optim.grad_clip > 0:
             grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), self.recipe.optim.grad_clip)
@@ -584,7 +585,7 @@ class Trainer:
             static_labels = labels.clone() if labels is not None else None
             self.optimizer.zero_grad(set_to_none=True)  # the captured backward then writes (not adds) the grads
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 result = self._compute(static_images, static_labels, zero_grad=False)
             self._graph, self._static = graph, (static_images, static_labels, result)
         else:
