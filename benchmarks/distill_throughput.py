@@ -14,7 +14,9 @@ selective-scan kernels (from the CUDA profiler: kernels whose name contains "sca
     python benchmarks/distill_throughput.py --tiny --steps 3 --warmup 1      # CPU smoke test
 
 Prints one JSON line (rank 0): configuration, img/s over all processes, per-GPU img/s, ms/step, peak memory, scan
-share and the scan backend.
+share and the scan backend. Peak memory counts the tensors allocated during the timed steps; a CUDA graph's
+activations live in its private pool, reserved at capture, so with graphs look at `reserved_memory_gib` (everything
+the caching allocator holds) as well.
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     share = _scan_share(trainer, images, labels, args.profile_steps) if args.profile_steps else None
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    reserved = torch.cuda.memory_reserved(device) / 2**30 if device.type == "cuda" else None
     if dist.is_main:
         images_total = args.steps * args.batch_per_gpu * dist.world
         print(json.dumps({
@@ -134,6 +137,7 @@ def main() -> None:
             "ms_per_step": round(1000 * seconds / args.steps, 2),
             "scan_share": round(share, 4) if share is not None else None,
             "peak_memory_gib": round(peak, 2) if peak is not None else None,
+            "reserved_memory_gib": round(reserved, 2) if reserved is not None else None,
             "torch": torch.__version__,
         }))
     if torch_dist.is_initialized():
