@@ -25,7 +25,8 @@ mean ± std over seeds per arm and step count.
     python benchmarks/distill_experiment.py --out runs/exp --steps 500,2000 --seeds 0,1,2 --lrs 5e-4,1e-3,2e-3
     python benchmarks/distill_experiment.py --out runs/exp --seeds 0 --lrs 5e-4,1e-3,2e-3 && \\
     python benchmarks/distill_experiment.py --out runs/exp --seeds 1,2 --lrs best      # sweep on seed 0 only
-    benchmarks/distill_experiment_parallel.sh 8 runs/exp --seeds 0 --lrs ...   # 8 shard processes per visible GPU
+    benchmarks/distill_experiment_parallel.sh 2 runs/exp --seeds 0 --lrs ... \\
+        --set run.cuda_graph=auto                                   # 2 shard processes per visible GPU, graph steps
     python benchmarks/distill_experiment.py --out /tmp/exp --steps 2 --seeds 0 --batch-size 8 \\
         --eval-limit 32 --workers 0                                                                 # CPU smoke test
 """

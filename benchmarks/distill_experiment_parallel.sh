@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fill one distill_experiment.py folder with PROCS_PER_GPU shard processes on every visible GPU, then summarise.
-# Small students (ViM-T on 28 px images) leave an H200 mostly idle: one process is bound by kernel launches, and
-# several per GPU multiply throughput. Each shard runs every K-th job (--shard I/K); logs go to OUT/logs/.
+# Small students (ViM-T on 28 px images) are bound by kernel launches when eager; with `--set run.cuda_graph=auto`
+# one process keeps an H200 busy (21.5 steps/s; two per GPU ran 10.6 each), so 1-2 per GPU. Each shard runs every
+# K-th job (--shard I/K); logs go to OUT/logs/.
 #   benchmarks/distill_experiment_parallel.sh PROCS_PER_GPU OUT [distill_experiment.py options]
 set -euo pipefail
 per_gpu=$1 out=$2
