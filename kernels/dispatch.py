@@ -246,16 +246,4 @@ def selective_scan(
     if name == "cuda":
         return _run_cuda(_load_cuda(), *args, delta_softplus, return_last_state, reverse)
     scan_fn = _load_triton() if name == "triton" else selective_scan_ref
-    return scan_fn(
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D=D,
-        z=z,
-        delta_bias=delta_bias,
-        delta_softplus=delta_softplus,
-        return_last_state=return_last_state,
-        reverse=reverse,
-    )
+    return scan_fn(*args, delta_softplus=delta_softplus, return_last_state=return_last_state, reverse=reverse)
