@@ -26,7 +26,7 @@ mean ± std over seeds per arm and step count.
     python benchmarks/distill_experiment.py --out runs/exp --seeds 0 --lrs 5e-4,1e-3,2e-3 && \\
     python benchmarks/distill_experiment.py --out runs/exp --seeds 1,2 --lrs best      # sweep on seed 0 only
     benchmarks/distill_experiment_parallel.sh 2 runs/exp --seeds 0 --lrs ... \\
-        --set run.cuda_graph=auto                                   # 2 shard processes per visible GPU, graph steps
+        --workers 6                                                 # 2 shard processes per visible GPU (graph steps)
     python benchmarks/distill_experiment.py --out /tmp/exp --steps 2 --seeds 0 --batch-size 8 \\
         --eval-limit 32 --workers 0                                                                 # CPU smoke test
 """
@@ -100,9 +100,13 @@ def _test_accuracy(model_path: Path, data: str, args: argparse.Namespace, device
 
 
 def _converted(args: argparse.Namespace, seed: int) -> Path:
+    """The converted student for one seed; shards may race to make it, and conversion is deterministic, so the last
+    atomic write wins with identical bytes."""
     path = args.out / f"converted-{args.target}-s{seed}.safetensors"
     if not path.exists():
-        convert(ConvertRequest(source=args.teacher, target=args.target, out=path, seed=seed, mapping=args.mapping))
+        request = ConvertRequest(source=args.teacher, target=args.target, out=path, seed=seed, mapping=args.mapping,
+                                 force=True)  # fmt: skip
+        convert(request)
     return path
 
 
@@ -281,10 +285,12 @@ def main() -> None:
         _append(results, {"arm": "teacher", "seed": 0, "steps": 0,
                           **_test_accuracy(args.teacher, args.data, args, dist.device)})  # fmt: skip
     for seed in seeds:
-        if shard == 0 and ("c0", seed, 0, None) not in done and any(ARMS[a][0] for a in args.arms.split(",")):
-            row = {"arm": "c0", "seed": seed, "steps": 0, **_test_accuracy(_converted(args, seed), args.data, args,
-                                                                           dist.device)}  # fmt: skip
-            _append(results, row)
+        if shard != 0 or not any(ARMS[a][0] for a in args.arms.split(",")):
+            continue
+        student = _converted(args, seed)  # made here even when already scored, so shards find it
+        if ("c0", seed, 0, None) not in done:
+            _append(results, {"arm": "c0", "seed": seed, "steps": 0,
+                              **_test_accuracy(student, args.data, args, dist.device)})  # fmt: skip
     if args.prepare_only:
         return
     arms, step_counts = args.arms.split(","), [int(s) for s in args.steps.split(",")]
