@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fill one distill_experiment.py folder with PROCS_PER_GPU shard processes on every visible GPU, then summarise.
-# Small students (ViM-T on 28 px images) are bound by kernel launches when eager; with `--set run.cuda_graph=auto`
+# Small students (ViM-T on 28 px images) are bound by kernel launches when eager; with CUDA-graph steps (the default)
 # one process keeps an H200 busy (21.5 steps/s; two per GPU ran 10.6 each), so 1-2 per GPU. Each shard runs every
 # K-th job (--shard I/K); logs go to OUT/logs/.
 #   benchmarks/distill_experiment_parallel.sh PROCS_PER_GPU OUT [distill_experiment.py options]

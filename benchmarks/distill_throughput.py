@@ -6,11 +6,11 @@ bidirectional feature alignment on the even layer pairing). Batches are random t
 number is the model's, not the image loader's. On a GPU it also reports the share of the step spent in the
 selective-scan kernels (from the CUDA profiler: kernels whose name contains "scan").
 
-    python benchmarks/distill_throughput.py                                  # one GPU, eager steps
-    python benchmarks/distill_throughput.py --cuda-graph true                # one GPU, CUDA-graph steps
+    python benchmarks/distill_throughput.py                                  # one GPU, CUDA-graph steps (auto)
+    python benchmarks/distill_throughput.py --cuda-graph false               # one GPU, eager steps
     torchrun --nproc_per_node 2 benchmarks/distill_throughput.py             # two GPUs (DDP, NCCL; eager steps)
-    python benchmarks/distill_throughput.py --teacher deit-t --student vim-t --img-size 28 --patch-size 4 \\
-        --cuda-graph true                                                    # the Fashion-MNIST experiment's step
+    python benchmarks/distill_throughput.py --teacher deit-t --student vim-t --img-size 28 \\
+        --patch-size 4                                                       # the Fashion-MNIST experiment's step
     python benchmarks/distill_throughput.py --tiny --steps 3 --warmup 1      # CPU smoke test
 
 Prints one JSON line (rank 0): configuration, img/s over all processes, per-GPU img/s, ms/step, peak memory, scan
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (kernel compilation, autotune)")
     parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps for the scan share (GPU)")
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"))
-    parser.add_argument("--cuda-graph", default="false", choices=("auto", "true", "false"),
+    parser.add_argument("--cuda-graph", default="auto", choices=("auto", "true", "false"),
                         help="run.cuda_graph: replay steps as CUDA graphs (auto: on one GPU, never under torchrun)")
     parser.add_argument("--tiny", action="store_true", help="tiny models at 32 px (CPU smoke test)")
     args = parser.parse_args()

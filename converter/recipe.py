@@ -91,7 +91,7 @@ class RunRecipe(_Section):
     """How the run is carried out; changing these does not change what is computed (not in the fingerprint)."""
 
     amp: Literal["auto", "bf16", "off"] = "auto"
-    cuda_graph: Literal["auto"] | bool = False  # opt-in until measured on GPUs (docs/distill.md)
+    cuda_graph: Literal["auto"] | bool = "auto"  # one CUDA process: replay steps as graphs (docs/distill.md)
     checkpoint_every: NonNegativeInt = 500
     log_every: PositiveInt = 10
 
