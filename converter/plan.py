@@ -242,14 +242,20 @@ class IndexSetPlan:
         return SetRequest(self.name, self.score, self.full, self.keep, self.blocks)
 
 
+class FailedIndexSetError(ValueError):
+    """A rule uses an index set whose own declaration is already reported as a problem: nothing new to report."""
+
+
 class OpContext:
     """`ops.ResolveContext` for one target tensor: config references, and index sets at the tensor's block."""
 
-    def __init__(self, configs: dict[str, Any], sets: dict[str, IndexSetPlan], selection: Any, block: int | None):
+    def __init__(self, configs: dict[str, Any], sets: dict[str, IndexSetPlan], selection: Any, block: int | None,
+                 failed: frozenset[str] = frozenset()):  # fmt: skip
         self.configs = configs
         self.sets = sets
         self.selection = selection
         self.block = block
+        self.failed = failed
 
     def ref(self, value: Any) -> Any:
         if not is_ref(value):
@@ -264,6 +270,8 @@ class OpContext:
         return resolved
 
     def _set(self, name: str) -> IndexSetPlan:
+        if name in self.failed:
+            raise FailedIndexSetError(name)
         if name not in self.sets:
             known = ", ".join(self.sets) or "none declared"
             raise ValueError(f"unknown index set {name!r} (index_sets: {known})")
@@ -340,6 +348,8 @@ def evaluate(node: Node, ctx: EvalContext, region: Region) -> torch.Tensor:
             path = f"{node.path}.ops[{i}]"
             try:
                 tensor = op.spec.fn(tensor, **op.args.resolve(ctx.ops))
+            except FailedIndexSetError:
+                raise
             except (ValueError, RuntimeError, IndexError, ConfigError) as exc:
                 shape = tuple(tensor.shape)
                 raise PlanError(path, f"{op.name} on {node.name} {shape}: {exc}") from None
@@ -580,7 +590,8 @@ class _Problems:
 
 def _resolve_index_sets(
     mapping: LoadedMapping, configs: dict[str, Any], layers: LayerPlan, problems: _Problems
-) -> dict[str, IndexSetPlan]:
+) -> tuple[dict[str, IndexSetPlan], frozenset[str]]:
+    """The declared index sets that resolve, and the names of those that do not (each reported once here)."""
     sets: dict[str, IndexSetPlan] = {}
     ctx = OpContext(configs, {}, None, None)
     for name, spec in mapping.mapping.index_sets.items():
@@ -604,7 +615,7 @@ def _resolve_index_sets(
             continue
         blocks = layers.used_blocks() if spec.per == "block" else (None,)
         sets[name] = IndexSetPlan(name, full, keep, spec.per, spec.score, tuple(blocks))
-    return sets
+    return sets, frozenset(mapping.mapping.index_sets) - frozenset(sets)
 
 
 def _check_requires(mapping: LoadedMapping, configs: dict[str, Any]) -> list[PlanProblem]:
@@ -711,7 +722,7 @@ def build_plan(
     problems = _Problems()
     for problem in _check_requires(mapping, configs):
         problems.add(problem.path, problem.message)
-    index_sets = _resolve_index_sets(mapping, configs, layer_plan, problems)
+    index_sets, failed_sets = _resolve_index_sets(mapping, configs, layer_plan, problems)
 
     placeholder = _placeholder_selection(index_sets)
 
@@ -753,7 +764,7 @@ def build_plan(
         rule_path, rule, _ = candidates[0]
         block = layer_plan.blocks[layer] if layer is not None else None
         binding = {k: v for k, v in (("layer", layer), ("block", block)) if v is not None}
-        entry = _plan_entry(name, shape, rule, rule_path, binding, layer, block, configs, index_sets,
+        entry = _plan_entry(name, shape, rule, rule_path, binding, layer, block, configs, index_sets, failed_sets,
                             placeholder, meta_load, dtype, source, problems)  # fmt: skip
         if entry is not None:
             entries.append(entry)
@@ -791,13 +802,15 @@ def _plan_entry(
     block: int | None,
     configs: dict[str, Any],
     index_sets: dict[str, IndexSetPlan],
+    failed_sets: frozenset[str],
     placeholder: Callable[[str, int | None], torch.Tensor],
     meta_load: Callable[[str], torch.Tensor],
     dtype: str,
     source: SourceSide,
     problems: _Problems,
 ) -> PlanEntry | None:
-    ctx = EvalContext(meta_load, lambda _n: torch.empty(0), OpContext(configs, index_sets, placeholder, block), True)
+    ops = OpContext(configs, index_sets, placeholder, block, failed_sets)
+    ctx = EvalContext(meta_load, lambda _n: torch.empty(0), ops, True)
     expr, expr_path, note = rule.expr, rule_path, ""
     if rule.when is not None:
         try:
@@ -820,6 +833,8 @@ def _plan_entry(
         kind = _classify(node, ctx)
     except PlanError as exc:
         problems.add(exc.path, exc.message)
+        return None
+    except FailedIndexSetError:
         return None
     expr_text = describe(node, ctx.ops.ref)
     return PlanEntry(name, tuple(shape), rule.dtype or dtype, kind, rule_path, node, layer, block, expr_text, note)

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from tests._ckpt_factory import SMALL, make_vit_state_dict, write_checkpoint
 from tmconvert.converter.engine import ConvertRequest, convert, prepare
+from tmconvert.converter.errors import MappingError
 from tmconvert.converter.output import load_converted, read_metadata
 from tmconvert.models import registry as registry_module
 from tmconvert.models.registry import register
@@ -252,3 +253,16 @@ def test_metadata_sidecar_and_upstream_pth(tmp_path, teacher_sd):
     assert structural == {"keys": len(pth["model"]), "strict_load": True, "pth_keys": len(pth["model"])}
     numeric = result.verification["numeric"]
     assert numeric["ok"] and numeric["finite"] and len(numeric["layers"]) == cfg.depth
+
+
+def test_wider_student_is_one_problem_at_the_index_set(tmp_path, teacher_sd):
+    """The residual set cannot keep 64 of 32 channels; the rules that select with it add no follow-on errors."""
+    register("vim-test-wide", VimConfig(embed_dim=64, depth=3, d_state=4))
+    src = write_checkpoint(teacher_sd, tmp_path / "t.safetensors")
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(MappingError) as info:
+        convert(_request(src, "vim-test-wide", out))
+    lines = str(info.value).splitlines()[1:]
+    assert len(lines) == 1, lines
+    assert "index_sets.residual: keeps 64" in lines[0] and "student wider than the teacher" in lines[0]
+    assert not out.exists()
