@@ -242,8 +242,10 @@ class IndexSetPlan:
         return SetRequest(self.name, self.score, self.full, self.keep, self.blocks)
 
 
-class FailedIndexSetError(ValueError):
-    """A rule uses an index set whose own declaration is already reported as a problem: nothing new to report."""
+class FailedIndexSetError(Exception):
+    """A rule uses an index set whose own declaration is already reported as a problem: nothing new to report.
+
+    Not a ValueError, so it passes the op-level handlers that turn ValueErrors into problems at the op's path."""
 
 
 class OpContext:
@@ -348,8 +350,6 @@ def evaluate(node: Node, ctx: EvalContext, region: Region) -> torch.Tensor:
             path = f"{node.path}.ops[{i}]"
             try:
                 tensor = op.spec.fn(tensor, **op.args.resolve(ctx.ops))
-            except FailedIndexSetError:
-                raise
             except (ValueError, RuntimeError, IndexError, ConfigError) as exc:
                 shape = tuple(tensor.shape)
                 raise PlanError(path, f"{op.name} on {node.name} {shape}: {exc}") from None
