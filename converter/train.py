@@ -66,6 +66,7 @@ from tmconvert.models.vit import VisionTransformer, ViTConfig
 
 CHECKPOINT_FORMAT = "tmconvert-distill-checkpoint"
 CHECKPOINT_VERSION = 1
+TIMING_FIELDS = ("images_per_second", "elapsed")  # step-record fields that vary from run to run
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -724,7 +725,9 @@ def _metadata_value(value: Any) -> str:
 
 
 def student_metadata(prepared: PreparedRun, step: int, final: dict[str, Any]) -> dict[str, str]:
-    """The input student's metadata (layer plan, index sets, mapping, source, ...) plus what distillation did."""
+    """The input student's metadata (layer plan, index sets, mapping, source, ...) plus what distillation did.
+
+    Timings stay in metrics.jsonl only, so the same run always writes the same bytes."""
     cfg = prepared.student_config
     base = {k: v for k, v in prepared.student_metadata.items() if k != "distill"}
     base.update({
@@ -745,7 +748,7 @@ def student_metadata(prepared: PreparedRun, step: int, final: dict[str, Any]) ->
         "pairs": [list(p) for p in prepared.pairs],
         "steps": step,
         "fingerprint": prepared.fingerprint,
-        "final": final,
+        "final": {k: v for k, v in final.items() if k not in TIMING_FIELDS},
     }
     return {k: _metadata_value(v) for k, v in sorted(base.items())}
 
