@@ -1,0 +1,71 @@
+"""Byte-for-byte pins of what the main commands write, so refactors provably change no output.
+
+Each test runs a command through the CLI entry point, as a user would, on the CPU with a fixed seed, and compares the
+sha256 of the files it writes with the value recorded when the pin was set. A change here means a user's output
+changed: either the change is a bug, or it is deliberate and the pin is updated in the same commit with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from tmconvert.converter.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHER = REPO / "assets" / "fmnist-vit-t.safetensors"
+
+# README main job: `bin/tmconvert assets/fmnist-vit-t.safetensors --to vim-t`
+MAIN_JOB_SHA256 = "a62ad036e6868d15d868f8f100a8122c12f7b528644fca22eb383c4ee5c83b6c"
+MAIN_JOB_SIDECAR_SHA256 = "2fa630eefc3ebeb7d3b8329608a2a5ae57a907fdd9befd3a9f570b52b9665707"
+# `--format vim`: the same conversion plus the upstream-Vim `{'model': state_dict}` .pth
+VIM_SAFETENSORS_SHA256 = "cf25da6a3b89ee4a23e4e919ed69aec6d0746feefe1dbec08883896b68e41f46"
+VIM_PTH_SHA256 = "4a662b38b1a0e7de7010778faf46f4f7f58c5044214754654b375debefabeb9f"
+# `tmconvert distill` of the main job's student, 3 steps on synthetic images
+DISTILLED_SHA256 = "8d3556896a0deab8c02bbfdff255bd3185dfd81d268dc82f53e4f7aadd8c93db"
+
+RECIPE = "recipe: 1\nbatch_size: 8\nsteps: 3\ndata:\n  workers: 0\nrun:\n  log_every: 1\n"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pinned") / "fmnist-vit-t-vim-t.safetensors"
+    assert main([str(TEACHER), "--to", "vim-t", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def one_thread():
+    """Float reductions split across threads may round differently; one thread gives one answer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_readme_main_job_output_is_pinned(converted: Path) -> None:
+    assert _sha256(converted) == MAIN_JOB_SHA256
+    assert _sha256(converted.with_name("fmnist-vit-t-vim-t.config.json")) == MAIN_JOB_SIDECAR_SHA256
+
+
+def test_vim_format_output_is_pinned(tmp_path: Path) -> None:
+    out = tmp_path / "fmnist-vit-t-vim-t.safetensors"
+    assert main([str(TEACHER), "--to", "vim-t", "--out", str(out), "--format", "vim", "--no-verify"]) == 0
+    assert _sha256(out) == VIM_SAFETENSORS_SHA256  # the main job's file, its options naming the format
+    assert _sha256(out.with_suffix(".pth")) == VIM_PTH_SHA256
+
+
+def test_distilled_student_is_pinned(tmp_path: Path, converted: Path, one_thread: None) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    run = tmp_path / "run"
+    args = ["distill", str(TEACHER), str(converted), "--data", "synthetic:16", "--out", str(run)]
+    assert main([*args, "--recipe", str(recipe), "--device", "cpu", "--seed", "3"]) == 0
+    assert _sha256(run / "student.safetensors") == DISTILLED_SHA256
