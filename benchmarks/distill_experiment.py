@@ -42,11 +42,11 @@ from typing import Any
 
 import torch
 
-from tmconvert.converter.data import ImageDataset, Preprocess, eval_batches, open_source
-from tmconvert.converter.engine import ConvertRequest, convert
-from tmconvert.converter.evaluate import evaluate, load_classifier
-from tmconvert.converter.recipe import load_recipe
-from tmconvert.converter.train import DistContext, DistillRequest, init_distributed, prepare_run, run_distillation
+from tmconvert.converter.convert.engine import ConvertRequest, convert
+from tmconvert.converter.data.images import ImageDataset, Preprocess, eval_batches, open_source
+from tmconvert.converter.distill.recipe import load_recipe
+from tmconvert.converter.distill.run import DistContext, DistillRequest, init_distributed, prepare_run, run_distillation
+from tmconvert.converter.verify.accuracy import evaluate, load_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_ONLY = ["loss.kd=0", "loss.feature=0"]

@@ -29,9 +29,9 @@ import time
 import torch
 import torch.distributed as torch_dist
 
-from tmconvert.converter.plan import derive_target_config
-from tmconvert.converter.recipe import Recipe
-from tmconvert.converter.train import Trainer, build_loss, even_pairs, init_distributed
+from tmconvert.converter.distill.recipe import Recipe
+from tmconvert.converter.distill.run import Trainer, build_loss, even_pairs, init_distributed
+from tmconvert.converter.plan.plan import derive_target_config
 from tmconvert.kernels import resolve_backend
 from tmconvert.models.registry import get_config
 from tmconvert.models.vim import VimConfig, VisionMamba

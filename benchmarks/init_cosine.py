@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tmconvert.converter.checkpoint import open_checkpoint
-from tmconvert.converter.engine import ConvertRequest, convert
-from tmconvert.converter.fashion_mnist import load_fashion_mnist
-from tmconvert.converter.mapping import shipped_mapping_paths
-from tmconvert.converter.plan import derive_target_config
-from tmconvert.converter.subclone import build_teacher, calibration_batches, uniform_indices
-from tmconvert.converter.verify import verify_converted
+from tmconvert.converter.checkpoint.reader import open_checkpoint
+from tmconvert.converter.convert.engine import ConvertRequest, convert
+from tmconvert.converter.convert.subclone import build_teacher, calibration_batches, uniform_indices
+from tmconvert.converter.data.fashion_mnist import load_fashion_mnist
+from tmconvert.converter.mapping.schema import shipped_mapping_paths
+from tmconvert.converter.plan.plan import derive_target_config
+from tmconvert.converter.verify.numeric import verify_converted
 from tmconvert.models.vim import VisionMamba
 
 PAIRS = [("deit-s", "vim-s"), ("deit-b", "vim-s"), ("deit-s", "vim-t"), ("deit-t", "vim-t")]

@@ -6,7 +6,7 @@
     path = write_checkpoint(sd, tmp_path / "hf", fmt="hf-dir", naming="hf-legacy", hf_prefix="vit", config=cfg)
 
 The key layouts are written out here from the upstream facts (architectures.md §1.2-1.4) on purpose, independently
-of `tmconvert.converter.naming`, so tests of the reader do not share its table.
+of `tmconvert.converter.checkpoint.naming`, so tests of the reader do not share its table.
 """
 
 from __future__ import annotations

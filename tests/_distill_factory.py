@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from tmconvert.converter.recipe import LoadedRecipe, load_recipe
-from tmconvert.converter.train import DistillRequest
+from tmconvert.converter.distill.recipe import LoadedRecipe, load_recipe
+from tmconvert.converter.distill.run import DistillRequest
 from tmconvert.models import registry as registry_module
 from tmconvert.models.vim import VimConfig
 from tmconvert.models.vit import VisionTransformer, ViTConfig
@@ -50,7 +50,7 @@ def write_teacher(path: Path, cfg: ViTConfig = TEACHER, seed: int = 0, metadata:
 
 
 def convert_student(teacher: Path, out: Path) -> Path:
-    from tmconvert.converter.engine import ConvertRequest, convert
+    from tmconvert.converter.convert.engine import ConvertRequest, convert
 
     with registered_student() as name:
         convert(ConvertRequest(source=teacher, target=name, out=out, num_heads=TEACHER.num_heads))
@@ -84,6 +84,6 @@ def request(
 
 
 def state_of(path: Path) -> dict[str, torch.Tensor]:
-    from tmconvert.converter.output import load_converted
+    from tmconvert.converter.modelfile.output import load_converted
 
     return load_converted(path)[1]

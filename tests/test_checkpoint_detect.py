@@ -12,8 +12,8 @@ import torch
 
 from tests._ckpt_factory import SMALL, make_vit_state_dict, write_checkpoint
 from tests._timm import import_timm, timm_vit
-from tmconvert.converter.checkpoint import open_checkpoint
-from tmconvert.converter.detect import vit_tensor_shapes
+from tmconvert.converter.checkpoint.detect import vit_tensor_shapes
+from tmconvert.converter.checkpoint.reader import open_checkpoint
 from tmconvert.converter.errors import CheckpointError
 from tmconvert.models.vit import VisionTransformer, ViTConfig
 

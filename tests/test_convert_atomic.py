@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests._ckpt_factory import SMALL, make_vit_state_dict, write_checkpoint
-from tmconvert.converter import engine
 from tmconvert.converter.cli import main
-from tmconvert.converter.engine import ConvertRequest, convert
-from tmconvert.converter.output import AtomicFile
+from tmconvert.converter.convert import engine
+from tmconvert.converter.convert.engine import ConvertRequest, convert
+from tmconvert.converter.modelfile.output import AtomicFile
 from tmconvert.models import registry as registry_module
 from tmconvert.models.registry import register
 from tmconvert.models.vim import VimConfig
@@ -111,7 +111,8 @@ def test_without_o_tmpfile_a_hidden_temp_file_is_cleaned_up(tmp_path, src, monke
 _DRIVER = textwrap.dedent(
     """
     import os, sys, time
-    from tmconvert.converter import engine, output
+    from tmconvert.converter.convert import engine
+    from tmconvert.converter.modelfile import output
     from tmconvert.converter.cli import main
     from tmconvert.models.registry import register
     from tmconvert.models.vim import VimConfig

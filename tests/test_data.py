@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from tests._distill_factory import write_image_folder
-from tmconvert.converter.data import (
+from tmconvert.converter.data.fashion_mnist import DatasetError
+from tmconvert.converter.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     EpochSampler,
@@ -24,7 +25,6 @@ from tmconvert.converter.data import (
     random_resized_box,
     train_batches,
 )
-from tmconvert.converter.fashion_mnist import DatasetError
 
 SPEC16 = InputSpec.for_model((16, 16), 3)
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from tests._distill_factory import convert_student, recipe, request, state_of, write_teacher
-from tmconvert.converter.errors import ConfigError
-from tmconvert.converter.train import (
+from tmconvert.converter.distill.run import (
     GRAPH_WARMUP_STEPS,
     DistContext,
     init_distributed,
@@ -20,6 +19,7 @@ from tmconvert.converter.train import (
     resolve_cuda_graph,
     run_distillation,
 )
+from tmconvert.converter.errors import ConfigError
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 # fp32 (no autocast) so that graph and eager steps can be compared closely; the scan's dB/dC are summed with atomics

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tmconvert.converter.distill import (
+from tmconvert.converter.distill.loss import (
     DistillationLoss,
     FeatureAlignment,
     adaptive_weights,

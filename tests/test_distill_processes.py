@@ -17,7 +17,7 @@ import torch
 
 from tests._distill_factory import convert_student, recipe, request, state_of, write_teacher
 from tmconvert.converter.cli import main
-from tmconvert.converter.train import prepare_run, run_distillation
+from tmconvert.converter.distill.run import prepare_run, run_distillation
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,11 +24,11 @@ from tests._distill_factory import (
     write_teacher,
 )
 from tmconvert.converter.cli import main
+from tmconvert.converter.distill.recipe import Recipe, load_recipe
+from tmconvert.converter.distill.run import even_pairs, prepare_run, run_distillation
 from tmconvert.converter.errors import RecipeError, RunError
-from tmconvert.converter.evaluate import load_classifier
-from tmconvert.converter.output import read_metadata
-from tmconvert.converter.recipe import Recipe, load_recipe
-from tmconvert.converter.train import even_pairs, prepare_run, run_distillation
+from tmconvert.converter.modelfile.output import read_metadata
+from tmconvert.converter.verify.accuracy import load_classifier
 from tmconvert.models.vim import VisionMamba
 from tmconvert.models.vit import ViTConfig
 

@@ -10,7 +10,7 @@ import pytest
 
 from tmconvert.converter.cli import main
 from tmconvert.converter.cli.check import check_files
-from tmconvert.converter.mapping import is_mapping_file, shipped_mapping_paths
+from tmconvert.converter.mapping.schema import is_mapping_file, shipped_mapping_paths
 
 MAPPINGS = Path(__file__).resolve().parents[1] / "mappings"
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from tmconvert.converter.errors import ConfigError, MappingError
-from tmconvert.converter.mapping import Pattern, load_mapping
-from tmconvert.converter.ops import keep_prefix, move_token, parse_op, resample_kernel, select, split_qkv
-from tmconvert.converter.plan import SourceSide, TargetSide, build_plan, plan_layers
+from tmconvert.converter.mapping.ops import keep_prefix, move_token, parse_op, resample_kernel, select, split_qkv
+from tmconvert.converter.mapping.schema import Pattern, load_mapping
+from tmconvert.converter.plan.plan import SourceSide, TargetSide, build_plan, plan_layers
 from tmconvert.models.vim import VimConfig
 from tmconvert.models.vit import ViTConfig
 
@@ -136,7 +136,7 @@ def test_overlapping_patterns_are_reported(tmp_path):
 
 
 def test_concat_fills_and_initialisers_through_the_engine(tmp_path):
-    from tmconvert.converter.engine import iter_target_tensors
+    from tmconvert.converter.convert.engine import iter_target_tensors
 
     rules = "".join(f"  layers.{{layer}}.mixer.{n}: {{init: default}}\n" for n in _OTHER_MIXER)
     rules += "".join(f"  {n}: {{init: default}}\n" for n in _GLOBALS)

@@ -15,7 +15,7 @@ PROBE = """
 import json, sys
 import tmconvert.converter, tmconvert.mappings
 from tmconvert.converter.cli import main
-from tmconvert.converter.mapping import shipped_mapping_paths
+from tmconvert.converter.mapping.schema import shipped_mapping_paths
 print(json.dumps({"package": tmconvert.converter.__file__, "mappings": [str(p) for p in shipped_mapping_paths()]}))
 sys.exit(main(["check"]))
 """

@@ -8,8 +8,7 @@ import torch
 from PIL import Image
 
 from tests._ckpt_factory import SMALL, make_vit_state_dict
-from tmconvert.converter.data import IMAGENET_MEAN, IMAGENET_STD, DatasetError
-from tmconvert.converter.subclone import (
+from tmconvert.converter.convert.subclone import (
     CalibrationError,
     SetRequest,
     activation_scores,
@@ -20,6 +19,7 @@ from tmconvert.converter.subclone import (
     top_k_sorted,
     uniform_indices,
 )
+from tmconvert.converter.data.images import IMAGENET_MEAN, IMAGENET_STD, DatasetError
 
 RESIDUAL = SetRequest("residual", "residual", full=32, keep=8, blocks=(None,))
 HIDDEN = SetRequest("hidden", "mlp_hidden", full=128, keep=16, blocks=(0, 1))

@@ -19,8 +19,8 @@ import typer
 
 from tmconvert.converter.cli._console import console
 from tmconvert.converter.errors import TmconvertError
-from tmconvert.converter.mapping import LoadedMapping, load_mapping, shipped_mapping_paths
-from tmconvert.converter.plan import plan_for_names, referenced_sets, registry_pairs
+from tmconvert.converter.mapping.schema import LoadedMapping, load_mapping, shipped_mapping_paths
+from tmconvert.converter.plan.plan import plan_for_names, referenced_sets, registry_pairs
 from tmconvert.models.registry import family_of, get_config, list_models
 
 

@@ -18,8 +18,8 @@ from rich.table import Table
 
 from tmconvert.converter.cli._console import console, err_console
 from tmconvert.converter.cli.verify import report_table
-from tmconvert.converter.engine import ConversionResult, ConvertRequest, Prepared, execute, prepare
-from tmconvert.converter.plan import Plan, PlanEntry
+from tmconvert.converter.convert.engine import ConversionResult, ConvertRequest, Prepared, execute, prepare
+from tmconvert.converter.plan.plan import Plan, PlanEntry
 
 
 def convert(

@@ -20,8 +20,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.text import Text
 
 from tmconvert.converter.cli._console import console, err_console
-from tmconvert.converter.recipe import load_recipe, parse_pairs
-from tmconvert.converter.train import (
+from tmconvert.converter.distill.recipe import load_recipe, parse_pairs
+from tmconvert.converter.distill.run import (
     DistillRequest,
     DistillResult,
     StepReport,

@@ -17,9 +17,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from tmconvert.converter.cli._console import console
-from tmconvert.converter.data import ImageDataset, Preprocess, eval_batches, open_source
+from tmconvert.converter.data.images import ImageDataset, Preprocess, eval_batches, open_source
 from tmconvert.converter.errors import ConfigError
-from tmconvert.converter.evaluate import EvalResult, LoadedModel, evaluate, load_classifier
+from tmconvert.converter.verify.accuracy import EvalResult, LoadedModel, evaluate, load_classifier
 
 
 def eval_(

@@ -16,7 +16,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from tmconvert.converter.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from tmconvert.converter.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
 from tmconvert.converter.cli._console import console
 from tmconvert.models.vit import ViTConfig
 

@@ -10,10 +10,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from tmconvert.converter.checkpoint import open_checkpoint
+from tmconvert.converter.checkpoint.reader import open_checkpoint
 from tmconvert.converter.cli._console import console, err_console
-from tmconvert.converter.subclone import parse_calib
-from tmconvert.converter.verify import VerificationError, VerifyReport, verify_converted
+from tmconvert.converter.convert.subclone import parse_calib
+from tmconvert.converter.verify.numeric import VerificationError, VerifyReport, verify_converted
 
 
 def report_table(report: VerifyReport) -> Table:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tmconvert.converter.data import ImageDataset, InputSpec, Preprocess, eval_batches, open_source
+from tmconvert.converter.data.images import ImageDataset, InputSpec, Preprocess, eval_batches, open_source
 from tmconvert.converter.errors import TmconvertError
 from tmconvert.models.vit import VisionTransformer, ViTConfig
 

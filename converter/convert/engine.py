@@ -24,10 +24,19 @@ from typing import Any
 import torch
 
 from tmconvert.converter import __version__
-from tmconvert.converter.checkpoint import Checkpoint, open_checkpoint
+from tmconvert.converter.checkpoint.reader import Checkpoint, open_checkpoint
+from tmconvert.converter.convert.subclone import (
+    SCORE_METHODS,
+    Selection,
+    activation_scores,
+    build_teacher,
+    calibration_batches,
+    choose,
+    parse_calib,
+)
 from tmconvert.converter.errors import ConfigError, TmconvertError
-from tmconvert.converter.mapping import LoadedMapping, default_mapping_for, find_mapping, load_mapping
-from tmconvert.converter.output import (
+from tmconvert.converter.mapping.schema import LoadedMapping, default_mapping_for, find_mapping, load_mapping
+from tmconvert.converter.modelfile.output import (
     OutputPaths,
     TensorSpec,
     atomic_files,
@@ -37,7 +46,7 @@ from tmconvert.converter.output import (
     write_json,
     write_safetensors_stream,
 )
-from tmconvert.converter.plan import (
+from tmconvert.converter.plan.plan import (
     DTYPES,
     EvalContext,
     OpContext,
@@ -51,16 +60,7 @@ from tmconvert.converter.plan import (
     derive_target_config,
     evaluate,
 )
-from tmconvert.converter.subclone import (
-    SCORE_METHODS,
-    Selection,
-    activation_scores,
-    build_teacher,
-    calibration_batches,
-    choose,
-    parse_calib,
-)
-from tmconvert.converter.verify import VerificationError, VerifyReport, verify_converted
+from tmconvert.converter.verify.numeric import VerificationError, VerifyReport, verify_converted
 from tmconvert.models.vim import VisionMamba
 
 FORMATS = ("safetensors", "vim")

@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
+from tmconvert.converter.convert.subclone import SetRequest
 from tmconvert.converter.errors import ConfigError, MappingError
-from tmconvert.converter.mapping import (
+from tmconvert.converter.mapping.ops import concat
+from tmconvert.converter.mapping.schema import (
     ConcatExpr,
     FromExpr,
     InitExpr,
@@ -31,8 +33,6 @@ from tmconvert.converter.mapping import (
     is_ref,
     iter_exprs,
 )
-from tmconvert.converter.ops import concat
-from tmconvert.converter.subclone import SetRequest
 from tmconvert.models.registry import family_of, get_config
 from tmconvert.models.vim import VimConfig, VisionMamba
 from tmconvert.models.vit import VisionTransformer, ViTConfig

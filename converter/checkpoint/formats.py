@@ -20,9 +20,9 @@ from typing import Any, NamedTuple
 import torch
 from safetensors import safe_open
 
-from tmconvert.converter.containers import select_state_dict
+from tmconvert.converter.checkpoint.containers import select_state_dict
+from tmconvert.converter.checkpoint.safe_unpickle import load_torch_file, torch_reason
 from tmconvert.converter.errors import CheckpointError
-from tmconvert.converter.safe_unpickle import load_torch_file, torch_reason
 
 # Hugging Face model folders, in the order transformers prefers them.
 HF_WEIGHT_FILES = (

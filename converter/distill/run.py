@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tmconvert.converter import __version__
-from tmconvert.converter.data import (
+from tmconvert.converter.data.images import (
     ImageDataset,
     ImageSource,
     InputSpec,
@@ -46,10 +46,10 @@ from tmconvert.converter.data import (
     steps_per_epoch,
     train_batches,
 )
-from tmconvert.converter.distill import DistillationLoss, FeatureAlignment, LossOutput, token_alignment
+from tmconvert.converter.distill.loss import DistillationLoss, FeatureAlignment, LossOutput, token_alignment
+from tmconvert.converter.distill.recipe import LoadedRecipe, Recipe
 from tmconvert.converter.errors import ConfigError, RunError
-from tmconvert.converter.evaluate import LoadedModel, load_classifier, load_vim
-from tmconvert.converter.output import (
+from tmconvert.converter.modelfile.output import (
     AtomicFile,
     TensorSpec,
     atomic_files,
@@ -58,8 +58,8 @@ from tmconvert.converter.output import (
     write_json,
     write_safetensors_stream,
 )
-from tmconvert.converter.plan import config_json, derive_target_config
-from tmconvert.converter.recipe import LoadedRecipe, Recipe
+from tmconvert.converter.plan.plan import config_json, derive_target_config
+from tmconvert.converter.verify.accuracy import LoadedModel, load_classifier, load_vim
 from tmconvert.models.registry import get_config
 from tmconvert.models.vim import VimConfig, VisionMamba, state_dict_shapes
 from tmconvert.models.vit import VisionTransformer, ViTConfig

@@ -29,8 +29,8 @@ from pydantic import (
     model_validator,
 )
 
-from tmconvert.converter import ops as ops_mod
 from tmconvert.converter.errors import MappingError
+from tmconvert.converter.mapping import ops as ops_mod
 from tmconvert.converter.yamlfile import read_yaml
 
 FORMAT_VERSION = 1

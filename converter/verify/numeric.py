@@ -18,10 +18,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tmconvert.converter.checkpoint import Checkpoint
+from tmconvert.converter.checkpoint.reader import Checkpoint
+from tmconvert.converter.convert.subclone import build_teacher, calibration_batches
 from tmconvert.converter.errors import TmconvertError
-from tmconvert.converter.output import load_converted
-from tmconvert.converter.subclone import build_teacher, calibration_batches
+from tmconvert.converter.modelfile.output import load_converted
 from tmconvert.kernels import available_backends, use_backend
 from tmconvert.models.vim import MambaOutput, VisionMamba
 from tmconvert.models.vit import ViTConfig

@@ -35,7 +35,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from tmconvert.converter.fashion_mnist import DatasetError, load_fashion_mnist
+from tmconvert.converter.data.fashion_mnist import DatasetError, load_fashion_mnist
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tmconvert.converter.checkpoint import open_checkpoint
-from tmconvert.converter.data import InputSpec
+from tmconvert.converter.checkpoint.reader import open_checkpoint
+from tmconvert.converter.data.images import InputSpec
 from tmconvert.converter.errors import CheckpointError, ConfigError, OutputError
-from tmconvert.converter.output import load_converted, read_metadata
+from tmconvert.converter.modelfile.output import load_converted, read_metadata
 from tmconvert.models.vim import VimConfig, VisionMamba
 from tmconvert.models.vit import VisionTransformer, ViTConfig
 

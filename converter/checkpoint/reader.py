@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from tmconvert.converter.containers import strip_wrapper_prefixes
-from tmconvert.converter.detect import detect_vit_config, read_config_hints
+from tmconvert.converter.checkpoint.containers import strip_wrapper_prefixes
+from tmconvert.converter.checkpoint.detect import detect_vit_config, read_config_hints
+from tmconvert.converter.checkpoint.formats import TensorStore, Weights, open_weights
+from tmconvert.converter.checkpoint.naming import Layout, canonical_layout, canonical_sort_key
 from tmconvert.converter.errors import CheckpointError
-from tmconvert.converter.formats import TensorStore, Weights, open_weights
-from tmconvert.converter.naming import Layout, canonical_layout, canonical_sort_key
 from tmconvert.models.vit import ViTConfig
 
 __all__ = ["Checkpoint", "TensorInfo", "open_checkpoint"]

@@ -1,0 +1,1 @@
+"""Images: sources (folders, Fashion-MNIST, synthetic), preprocessing, deterministic loaders, calibration."""

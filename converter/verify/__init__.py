@@ -1,0 +1,1 @@
+"""Checking models: numerical verification of a conversion, accuracy on labelled images."""
