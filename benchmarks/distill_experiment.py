@@ -43,10 +43,14 @@ from typing import Any
 import torch
 
 from tmconvert.converter.convert.engine import ConvertRequest, convert
-from tmconvert.converter.data.images import ImageDataset, Preprocess, eval_batches, open_source
+from tmconvert.converter.data.loaders import ImageDataset, eval_batches
+from tmconvert.converter.data.preprocess import Preprocess
+from tmconvert.converter.data.sources import open_source
+from tmconvert.converter.distill.processes import DistContext, init_distributed
 from tmconvert.converter.distill.recipe import load_recipe
-from tmconvert.converter.distill.run import DistContext, DistillRequest, init_distributed, prepare_run, run_distillation
-from tmconvert.converter.verify.accuracy import evaluate, load_classifier
+from tmconvert.converter.distill.run import DistillRequest, prepare_run, run_distillation
+from tmconvert.converter.modelfile.classifier import load_classifier
+from tmconvert.converter.verify.accuracy import measure_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_ONLY = ["loss.kd=0", "loss.feature=0"]
@@ -95,7 +99,7 @@ def _test_accuracy(model_path: Path, data: str, args: argparse.Namespace, device
     source = open_source(data, split=split, img_size=loaded.input_spec.img_size, num_classes=loaded.config.num_classes)
     dataset = ImageDataset(source, Preprocess(loaded.input_spec, train=False))
     batches = eval_batches(dataset, batch_size=512, limit=args.eval_limit, workers=args.workers)
-    result = evaluate(loaded.model.to(device), batches, num_classes=loaded.config.num_classes, device=device)
+    result = measure_accuracy(loaded.model.to(device), batches, num_classes=loaded.config.num_classes, device=device)
     return {"top1": result.top1, "top5": result.top5, "test_loss": result.loss, "test_images": result.images}
 
 

@@ -29,9 +29,11 @@ import time
 import torch
 import torch.distributed as torch_dist
 
+from tmconvert.converter.configs import derive_target_config
+from tmconvert.converter.distill.processes import init_distributed
 from tmconvert.converter.distill.recipe import Recipe
-from tmconvert.converter.distill.run import Trainer, build_loss, even_pairs, init_distributed
-from tmconvert.converter.plan.plan import derive_target_config
+from tmconvert.converter.distill.run import even_pairs
+from tmconvert.converter.distill.trainer import Trainer, build_loss
 from tmconvert.kernels import resolve_backend
 from tmconvert.models.registry import get_config
 from tmconvert.models.vim import VimConfig, VisionMamba

@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tmconvert.converter.checkpoint.reader import open_checkpoint
+from tmconvert.converter.checkpoint import open_checkpoint
+from tmconvert.converter.configs import derive_target_config
 from tmconvert.converter.convert.engine import ConvertRequest, convert
-from tmconvert.converter.convert.subclone import build_teacher, calibration_batches, uniform_indices
+from tmconvert.converter.convert.subclone import build_teacher, uniform_indices
+from tmconvert.converter.data.calibration import calibration_batches
 from tmconvert.converter.data.fashion_mnist import load_fashion_mnist
-from tmconvert.converter.mapping.schema import shipped_mapping_paths
-from tmconvert.converter.plan.plan import derive_target_config
+from tmconvert.converter.mapping.files import shipped_mapping_paths
 from tmconvert.converter.verify.numeric import verify_converted
 from tmconvert.models.vim import VisionMamba
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from tmconvert.converter.data.fashion_mnist import load_fashion_mnist
-from tmconvert.converter.data.images import IMAGENET_MEAN, IMAGENET_STD, grey_batch_to_input
+from tmconvert.converter.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, grey_batch_to_input
 from tmconvert.models.vit import VisionTransformer, ViTConfig
 
 # DeiT-T/S/B widths at Fashion-MNIST's native 28 px with patch 4 (a 7x7 grid, 50 tokens).

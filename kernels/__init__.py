@@ -13,6 +13,7 @@ from tmconvert.kernels.conv1d import causal_conv1d
 from tmconvert.kernels.dispatch import (
     BACKENDS,
     ENV_VAR,
+    BackendError,
     available_backends,
     resolve_backend,
     selective_scan,
@@ -22,6 +23,7 @@ from tmconvert.kernels.dispatch import (
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
+    "BackendError",
     "available_backends",
     "causal_conv1d",
     "resolve_backend",

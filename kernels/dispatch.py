@@ -22,8 +22,11 @@ from contextvars import ContextVar
 
 import torch
 
-from tmconvert.converter.errors import ConfigError
 from tmconvert.kernels.selective_scan_ref import selective_scan_ref, validate_scan_args
+
+
+class BackendError(ValueError):
+    """A requested scan backend is unknown, or cannot run here or on this call."""
 
 BACKENDS = ("reference", "triton", "cuda")
 ENV_VAR = "TMCONVERT_SCAN_BACKEND"
@@ -133,17 +136,17 @@ def _automatic(device: torch.device) -> str:
 def resolve_backend(device: torch.device, requested: str | None = None) -> str:
     """The backend for tensors on `device`: `requested` > env `TMCONVERT_SCAN_BACKEND` > automatic.
 
-    Raises ConfigError when an explicitly requested backend is unknown or cannot run on `device`.
+    Raises BackendError when an explicitly requested backend is unknown or cannot run on `device`.
     """
     device = torch.device(device)
     name, source = _requested_backend(requested)
     if name is None:
         return _automatic(device)
     if name not in BACKENDS:
-        raise ConfigError(f"unknown selective-scan backend {name!r} ({source}); choose one of {', '.join(BACKENDS)}")
+        raise BackendError(f"unknown selective-scan backend {name!r} ({source}); choose one of {', '.join(BACKENDS)}")
     reason = _unavailable_reason(name, device)
     if reason is not None:
-        raise ConfigError(
+        raise BackendError(
             f"selective-scan backend {name!r} ({source}) is not available: {reason}; "
             f"available on {device.type}: {', '.join(_available_on(device))}"
         )
@@ -220,7 +223,7 @@ def _backend_for_call(
     if reason is None:
         return name
     if explicit is not None:
-        raise ConfigError(f"selective-scan backend 'cuda' ({source}) cannot run this call: {reason}")
+        raise BackendError(f"selective-scan backend 'cuda' ({source}) cannot run this call: {reason}")
     return "triton" if _unavailable_reason("triton", device) is None else "reference"
 
 

@@ -1,11 +1,28 @@
-"""Model zoo: the ViT teacher, the Mamba targets, and the registry of named configs."""
+"""Model zoo: the ViT teacher, the Mamba targets, and the registry of named configs.
 
-from tmconvert.models.registry import build_model, family_of, get_config, list_models, register
-from tmconvert.models.vim import MambaOutput, VimConfig, VisionMamba, state_dict_shapes
-from tmconvert.models.vit import TokenLayout, VisionTransformer, ViTConfig, ViTOutput, resample_abs_pos_embed
+Importing the package registers every family (each model module registers itself where it is defined).
+"""
+
+from tmconvert.models import vim, vit  # noqa: F401  (registration)
+from tmconvert.models.errors import ModelConfigError
+from tmconvert.models.registry import (
+    build_model,
+    config_type,
+    families,
+    family_of,
+    get_config,
+    list_models,
+    register,
+    register_family,
+    state_dict_shapes,
+)
+from tmconvert.models.tokens import TokenLayout, resample_abs_pos_embed
+from tmconvert.models.vim import MambaOutput, VimConfig, VisionMamba
+from tmconvert.models.vit import VisionTransformer, ViTConfig, ViTOutput
 
 __all__ = [
     "MambaOutput",
+    "ModelConfigError",
     "TokenLayout",
     "ViTConfig",
     "ViTOutput",
@@ -13,10 +30,13 @@ __all__ = [
     "VisionMamba",
     "VisionTransformer",
     "build_model",
+    "config_type",
+    "families",
     "family_of",
     "get_config",
     "list_models",
     "register",
+    "register_family",
     "resample_abs_pos_embed",
     "state_dict_shapes",
 ]

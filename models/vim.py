@@ -21,9 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tmconvert.converter.errors import ConfigError
 from tmconvert.kernels import causal_conv1d, selective_scan
-from tmconvert.models.vit import TokenLayout, init_on_cpu_, seeded_generator
+from tmconvert.models.errors import ModelConfigError
+from tmconvert.models.init import init_on_cpu_, seeded_generator
+from tmconvert.models.registry import register, register_family, state_dict_shapes
+from tmconvert.models.tokens import TokenLayout
 
 CLS_POSITIONS = ("middle", "front", "none")
 
@@ -59,20 +61,20 @@ class VimConfig:
         else:
             object.__setattr__(self, "img_size", tuple(self.img_size))
         if self.cls_position not in CLS_POSITIONS:
-            raise ConfigError(f"VimConfig.cls_position must be one of {CLS_POSITIONS}, got {self.cls_position!r}")
+            raise ModelConfigError(f"VimConfig.cls_position must be one of {CLS_POSITIONS}, got {self.cls_position!r}")
         for name in ("embed_dim", "depth", "d_state", "expand", "d_conv", "patch_size", "in_chans"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"VimConfig.{name} must be positive, got {getattr(self, name)}")
+                raise ModelConfigError(f"VimConfig.{name} must be positive, got {getattr(self, name)}")
         if self.dt_rank is not None and self.dt_rank <= 0:
-            raise ConfigError(f"VimConfig.dt_rank must be positive or None, got {self.dt_rank}")
+            raise ModelConfigError(f"VimConfig.dt_rank must be positive or None, got {self.dt_rank}")
         if self.num_classes < 0:
-            raise ConfigError(f"VimConfig.num_classes must be >= 0, got {self.num_classes}")
+            raise ModelConfigError(f"VimConfig.num_classes must be >= 0, got {self.num_classes}")
         if min(self.img_size) < self.patch_size or self.resolved_stride <= 0:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"VimConfig: image {self.img_size} with patch {self.patch_size} / stride {self.stride} has no patch"
             )
         if not 0.0 < self.dt_min <= self.dt_max:
-            raise ConfigError(f"VimConfig: need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+            raise ModelConfigError(f"VimConfig: need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
 
     @property
     def resolved_dt_rank(self) -> int:
@@ -123,34 +125,36 @@ class VimConfig:
         grid is square with stride == patch size and a cls token sits in the middle (every released Vim);
         pass `img_size` (the stride then follows from the grid) or `cls_position` to override. Other fields
         that shapes cannot show (norm_eps, init knobs) can be given in `fixed`. Every key and shape is checked
-        against the detected config; a mismatch raises ConfigError naming the tensors.
+        against the detected config; a mismatch raises ModelConfigError naming the tensors.
         """
         shapes = {k: tuple(v) for k, v in shapes.items()}
         required = ("patch_embed.proj.weight", "pos_embed", "layers.0.mixer.in_proj.weight", "layers.0.mixer.A_log")
         missing = [k for k in required if k not in shapes]
         if missing:
-            raise ConfigError(f"not a Vim state dict: missing {', '.join(missing)}")
+            raise ModelConfigError(f"not a Vim state dict: missing {', '.join(missing)}")
         embed_dim, in_chans, patch, _ = shapes["patch_embed.proj.weight"]
         d_inner = shapes["layers.0.mixer.in_proj.weight"][0] // 2
         if d_inner % embed_dim:
-            raise ConfigError(f"Vim in_proj d_inner {d_inner} is not a multiple of embed_dim {embed_dim}")
+            raise ModelConfigError(f"Vim in_proj d_inner {d_inner} is not a multiple of embed_dim {embed_dim}")
         d_state = shapes["layers.0.mixer.A_log"][1]
         has_cls = "cls_token" in shapes
         if cls_position is None:
             cls_position = "middle" if has_cls else "none"
         if (cls_position != "none") != has_cls:
-            raise ConfigError(f"cls_position {cls_position!r} contradicts the state dict (has cls_token: {has_cls})")
+            raise ModelConfigError(
+                f"cls_position {cls_position!r} contradicts the state dict (has cls_token: {has_cls})"
+            )
         num_patches = shapes["pos_embed"][1] - int(has_cls)
         if img_size is None:
             side = math.isqrt(num_patches)
             if side * side != num_patches:
-                raise ConfigError(f"Vim pos_embed has {num_patches} patches, not a square grid; pass img_size")
+                raise ModelConfigError(f"Vim pos_embed has {num_patches} patches, not a square grid; pass img_size")
             img_size, stride = side * patch, patch
         else:
             img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
             strides = [s for s in range(patch, 0, -1) if _num_patches(img_size, patch, s) == num_patches]
             if not strides:
-                raise ConfigError(
+                raise ModelConfigError(
                     f"no stride <= {patch} gives {num_patches} patches of {patch} px on {img_size} images"
                 )
             stride = strides[0]
@@ -179,7 +183,7 @@ class VimConfig:
         problems += [f"{k} is {shapes[k]}, expected {s}" for k, s in expected.items() if k in shapes and shapes[k] != s]
         if problems:
             shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} problems)" if len(problems) > 6 else "")
-            raise ConfigError(f"state dict does not fit a bimamba-v2 Vim layout: {shown}")
+            raise ModelConfigError(f"state dict does not fit a bimamba-v2 Vim layout: {shown}")
         return cfg
 
 
@@ -375,7 +379,7 @@ class PatchEmbed(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if tuple(images.shape[-2:]) != self.img_size:
             got = tuple(images.shape[-2:])
-            raise ConfigError(f"Vim expects {self.img_size} images (its pos_embed grid), got {got}")
+            raise ModelConfigError(f"Vim expects {self.img_size} images (its pos_embed grid), got {got}")
         return self.proj(images).flatten(2).transpose(1, 2)
 
 
@@ -518,6 +522,10 @@ def _dt_bias(cfg: VimConfig, size: int, dtype: torch.dtype, gen: torch.Generator
     return dt + torch.log(-torch.expm1(-dt))
 
 
-def state_dict_shapes(cfg: VimConfig) -> dict[str, tuple[int, ...]]:
-    """The target key -> shape table, read from a meta-device model (nothing is allocated)."""
-    return {k: tuple(v.shape) for k, v in VisionMamba(cfg, device="meta").state_dict().items()}
+register_family("vim", VimConfig, VisionMamba)
+for _size, _dim in {"t": 192, "s": 384, "b": 768}.items():
+    # hustvl/Vim vim_{tiny,small,base}_patch16_224_bimambav2_..._midclstok_div2
+    register(f"vim-{_size}", VimConfig(embed_dim=_dim, depth=24, patch_size=16, img_size=(224, 224)))
+for _size, _dim in {"t": 192, "s": 384}.items():
+    # hustvl/Vim vim_{tiny,small}_patch16_stride8_224_...: overlapping patches, 27x27 grid
+    register(f"vim-{_size}-stride8", VimConfig(embed_dim=_dim, depth=24, patch_size=16, stride=8, img_size=(224, 224)))

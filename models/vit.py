@@ -6,16 +6,18 @@ loads with `strict=True`. `forward_all` returns everything distillation needs fr
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tmconvert.converter.errors import ConfigError
+from tmconvert.models.errors import ModelConfigError
+from tmconvert.models.init import init_on_cpu_, seeded_generator
+from tmconvert.models.registry import register, register_family
+from tmconvert.models.tokens import TokenLayout, resample_abs_pos_embed
 
 
 @dataclass(frozen=True)
@@ -48,14 +50,16 @@ class ViTConfig:
         else:
             object.__setattr__(self, "img_size", tuple(self.img_size))
         if self.embed_dim % self.num_heads:
-            raise ConfigError(f"ViT embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+            raise ModelConfigError(f"ViT embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.global_pool not in ("token", "avg"):
-            raise ConfigError(f"ViT global_pool must be 'token' or 'avg', got {self.global_pool!r}")
+            raise ModelConfigError(f"ViT global_pool must be 'token' or 'avg', got {self.global_pool!r}")
         if self.global_pool == "token" and not self.class_token:
-            raise ConfigError("ViT global_pool 'token' needs class_token=True")
+            raise ModelConfigError("ViT global_pool 'token' needs class_token=True")
         if self.distilled and (not self.class_token or self.no_embed_class or self.global_pool != "token"):
             # timm's distilled model has no other layout (its pos_embed always covers both prefix tokens)
-            raise ConfigError("a distilled ViT needs class_token=True, no_embed_class=False and global_pool='token'")
+            raise ModelConfigError(
+                "a distilled ViT needs class_token=True, no_embed_class=False and global_pool='token'"
+            )
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -89,45 +93,6 @@ class ViTConfig:
         )
 
 
-@dataclass(frozen=True)
-class TokenLayout:
-    """Positions of the special tokens and of the patch tokens inside a model's token sequence.
-
-    `patch_indices[p]` is the sequence index of patch `p`, patches counted in raster order over `grid`; a distiller
-    uses two layouts to line teacher tokens up with student tokens.
-    """
-
-    grid: tuple[int, int]
-    cls_index: int | None
-    patch_indices: tuple[int, ...]
-    dist_index: int | None = None
-
-    @property
-    def seq_len(self) -> int:
-        specials = [i for i in (self.cls_index, self.dist_index) if i is not None]
-        return len(self.patch_indices) + len(specials)
-
-    def patch_index_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
-        return torch.tensor(self.patch_indices, dtype=torch.long, device=device)
-
-    def positions_in(self, source: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each position of this sequence, the position of the same token in `source`, and whether it exists.
-
-        Patches pair by raster index (the grids must match, else ValueError); cls pairs with cls. A cls token that
-        `source` lacks has no counterpart (valid False); a dist token is never paired. This is how a student's
-        tokens line up with a teacher's (ViM's middle cls against DeiT's cls at 0).
-        """
-        if tuple(self.grid) != tuple(source.grid):
-            raise ValueError(f"patch grids differ: {self.grid[0]}x{self.grid[1]} vs {source.grid[0]}x{source.grid[1]}")
-        index = torch.zeros(self.seq_len, dtype=torch.long)
-        valid = torch.zeros(self.seq_len, dtype=torch.bool)
-        for pos, src_pos in zip(self.patch_indices, source.patch_indices, strict=True):
-            index[pos], valid[pos] = src_pos, True
-        if self.cls_index is not None and source.cls_index is not None:
-            index[self.cls_index], valid[self.cls_index] = source.cls_index, True
-        return index, valid
-
-
 @dataclass
 class ViTOutput:
     """One teacher pass: logits, final normed tokens, the token stream after every block, optional q/k/v."""
@@ -136,37 +101,6 @@ class ViTOutput:
     final_tokens: torch.Tensor  # (B, T, D) after the final norm (before pooling; pre-norm tokens with fc_norm)
     layer_tokens: list[torch.Tensor]  # depth x (B, T, D): output of each block
     qkv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # depth x 3 x (B, heads, T, head_dim)
-
-
-def resample_abs_pos_embed(
-    pos_embed: torch.Tensor,
-    new_grid: tuple[int, int],
-    old_grid: tuple[int, int] | None = None,
-    num_prefix_tokens: int = 1,
-    interpolation: str = "bicubic",
-    antialias: bool = True,
-) -> torch.Tensor:
-    """Resample a (1, prefix + H*W, D) absolute position embedding to another patch grid, as timm does.
-
-    The prefix tokens (cls / dist) are kept as they are; the grid part is interpolated in float32 (bicubic with
-    antialias by default) and cast back. A square old grid is assumed when `old_grid` is not given.
-    """
-    num_grid_tokens = pos_embed.shape[1] - num_prefix_tokens
-    if old_grid is None:
-        side = math.isqrt(num_grid_tokens)
-        if side * side != num_grid_tokens:
-            raise ConfigError(f"pos_embed has {num_grid_tokens} grid tokens, not a square grid; pass old_grid")
-        old_grid = (side, side)
-    if old_grid[0] * old_grid[1] != num_grid_tokens:
-        raise ConfigError(f"pos_embed has {num_grid_tokens} grid tokens, expected {old_grid[0]}x{old_grid[1]}")
-    if tuple(old_grid) == tuple(new_grid):
-        return pos_embed
-    prefix, grid_part = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    dim = pos_embed.shape[-1]
-    grid_part = grid_part.float().reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
-    grid_part = F.interpolate(grid_part, size=tuple(new_grid), mode=interpolation, antialias=antialias)
-    grid_part = grid_part.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
-    return torch.cat([prefix, grid_part], dim=1)
 
 
 class PatchEmbed(nn.Module):
@@ -342,21 +276,10 @@ class VisionTransformer(nn.Module):
         return self._head(self.norm(x))
 
 
-def seeded_generator(seed: int | torch.Generator | None) -> torch.Generator | None:
-    """A CPU generator from a seed; None keeps torch's global RNG."""
-    if seed is None or isinstance(seed, torch.Generator):
-        return seed
-    return torch.Generator().manual_seed(seed)
-
-
-@torch.no_grad()
-def init_on_cpu_(
-    param: torch.Tensor, init_fn: Callable[..., torch.Tensor], generator: torch.Generator | None, **kwargs: Any
-) -> None:
-    """Fill `param` with `init_fn` (an `nn.init` function) drawn on the CPU, where the generator lives.
-
-    Drawing on the CPU and copying gives the same values on every device for a given seed.
-    """
-    values = torch.empty(param.shape, dtype=param.dtype)
-    init_fn(values, generator=generator, **kwargs)
-    param.copy_(values)
+register_family("vit", ViTConfig, VisionTransformer)
+for _size, _dims in {"t": (192, 3), "s": (384, 6), "b": (768, 12)}.items():
+    _base = ViTConfig(
+        embed_dim=_dims[0], num_heads=_dims[1], depth=12, mlp_hidden=4 * _dims[0], patch_size=16, img_size=(224, 224)
+    )
+    register(f"deit-{_size}", _base)  # timm deit_{tiny,small,base}_patch16_224
+    register(f"deit-{_size}-distilled", dataclasses.replace(_base, distilled=True))

@@ -84,6 +84,6 @@ def request(
 
 
 def state_of(path: Path) -> dict[str, torch.Tensor]:
-    from tmconvert.converter.modelfile.output import load_converted
+    from tmconvert.converter.modelfile.converted import load_converted
 
     return load_converted(path)[1]

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tests._ckpt_factory import SMALL, make_vit_state_dict, write_checkpoint
-from tmconvert.converter.checkpoint.reader import open_checkpoint
-from tmconvert.converter.errors import CheckpointError, UnsafePickleError
+from tmconvert.converter.checkpoint import open_checkpoint
+from tmconvert.converter.checkpoint.errors import CheckpointError, UnsafePickleError
 
 
 class _Payload:

@@ -10,9 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from tests._ckpt_factory import FORMATS, SMALL, make_vit_state_dict, write_checkpoint
-from tmconvert.converter.checkpoint import formats
-from tmconvert.converter.checkpoint.reader import TensorInfo, open_checkpoint
-from tmconvert.converter.errors import CheckpointError
+from tmconvert.converter.checkpoint import TensorInfo, formats, open_checkpoint
+from tmconvert.converter.checkpoint.errors import CheckpointError
 
 DISTILLED = dataclasses.replace(SMALL, distilled=True)
 EXPECTED_FORMAT = {  # factory format → (Checkpoint.format, Checkpoint.weights_format)

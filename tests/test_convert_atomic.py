@@ -15,7 +15,7 @@ from tests._ckpt_factory import SMALL, make_vit_state_dict, write_checkpoint
 from tmconvert.converter.cli import main
 from tmconvert.converter.convert import engine
 from tmconvert.converter.convert.engine import ConvertRequest, convert
-from tmconvert.converter.modelfile.output import AtomicFile
+from tmconvert.converter.modelfile.files import AtomicFile
 from tmconvert.models import registry as registry_module
 from tmconvert.models.registry import register
 from tmconvert.models.vim import VimConfig
@@ -112,13 +112,13 @@ _DRIVER = textwrap.dedent(
     """
     import os, sys, time
     from tmconvert.converter.convert import engine
-    from tmconvert.converter.modelfile import output
+    from tmconvert.converter.modelfile import files
     from tmconvert.converter.cli import main
     from tmconvert.models.registry import register
     from tmconvert.models.vim import VimConfig
 
     register("vim-test-atomic", VimConfig(embed_dim=16, depth=3, d_state=4))
-    output.WRITE_BUFFER = 0  # unbuffered: the bytes streamed so far are in the file when the signal comes
+    files.WRITE_BUFFER = 0  # unbuffered: the bytes streamed so far are in the file when the signal comes
     out_dir = os.path.dirname(sys.argv[-1])
     real = engine.iter_target_tensors
 

@@ -13,8 +13,8 @@ from safetensors import safe_open
 
 from tests._ckpt_factory import SMALL, make_vit_state_dict, write_checkpoint
 from tmconvert.converter.convert.engine import ConvertRequest, convert, prepare
-from tmconvert.converter.errors import MappingError
-from tmconvert.converter.modelfile.output import load_converted, read_metadata
+from tmconvert.converter.mapping.errors import MappingError
+from tmconvert.converter.modelfile.converted import load_converted, read_metadata
 from tmconvert.models import registry as registry_module
 from tmconvert.models.registry import register
 from tmconvert.models.vim import VimConfig, VisionMamba

@@ -12,19 +12,17 @@ import torch
 from PIL import Image
 
 from tests._distill_factory import write_image_folder
-from tmconvert.converter.data.fashion_mnist import DatasetError
-from tmconvert.converter.data.images import (
+from tmconvert.converter.data.errors import DatasetError
+from tmconvert.converter.data.loaders import EpochSampler, ImageDataset, train_batches
+from tmconvert.converter.data.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    EpochSampler,
-    ImageDataset,
     InputSpec,
     Preprocess,
     grey_batch_to_input,
-    open_source,
     random_resized_box,
-    train_batches,
 )
+from tmconvert.converter.data.sources import open_source
 
 SPEC16 = InputSpec.for_model((16, 16), 3)
 

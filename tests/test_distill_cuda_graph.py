@@ -11,14 +11,9 @@ import pytest
 import torch
 
 from tests._distill_factory import convert_student, recipe, request, state_of, write_teacher
-from tmconvert.converter.distill.run import (
-    GRAPH_WARMUP_STEPS,
-    DistContext,
-    init_distributed,
-    prepare_run,
-    resolve_cuda_graph,
-    run_distillation,
-)
+from tmconvert.converter.distill.processes import DistContext, init_distributed
+from tmconvert.converter.distill.run import prepare_run, run_distillation
+from tmconvert.converter.distill.trainer import GRAPH_WARMUP_STEPS, resolve_cuda_graph
 from tmconvert.converter.errors import ConfigError
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tmconvert.converter.distill.errors import RunError
 from tmconvert.converter.distill.loss import (
     DistillationLoss,
     FeatureAlignment,
@@ -17,7 +18,6 @@ from tmconvert.converter.distill.loss import (
     masked_token_cosine,
     token_alignment,
 )
-from tmconvert.converter.errors import RunError
 from tmconvert.models.vim import VimConfig, VisionMamba
 from tmconvert.models.vit import ViTConfig
 

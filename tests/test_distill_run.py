@@ -24,11 +24,11 @@ from tests._distill_factory import (
     write_teacher,
 )
 from tmconvert.converter.cli import main
+from tmconvert.converter.distill.errors import RecipeError, RunError
 from tmconvert.converter.distill.recipe import Recipe, load_recipe
 from tmconvert.converter.distill.run import even_pairs, prepare_run, run_distillation
-from tmconvert.converter.errors import RecipeError, RunError
-from tmconvert.converter.modelfile.output import read_metadata
-from tmconvert.converter.verify.accuracy import load_classifier
+from tmconvert.converter.modelfile.classifier import load_classifier
+from tmconvert.converter.modelfile.converted import read_metadata
 from tmconvert.models.vim import VisionMamba
 from tmconvert.models.vit import ViTConfig
 
@@ -188,7 +188,7 @@ def test_recipe_validation_and_overrides(tmp_path):
 
 def test_shipped_default_recipe_is_the_schema_default():
     loaded = load_recipe()
-    assert Path(loaded.source).name == "recipe-default.yaml"
+    assert Path(loaded.source).name == "default.yaml"
     assert loaded.recipe.model_dump(exclude={"name"}) == Recipe().model_dump(exclude={"name"})
 
 

@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 
 from tests._distill_factory import TEACHER, write_image_folder
 from tmconvert.converter.cli import main
-from tmconvert.converter.distill.run import RunPaths, write_student
-from tmconvert.converter.plan.plan import config_json
+from tmconvert.converter.configs import config_json
+from tmconvert.converter.distill.run import write_student
+from tmconvert.converter.distill.runfiles import RunPaths
 from tmconvert.models.vim import VimConfig, VisionMamba
 from tmconvert.models.vit import VisionTransformer
 

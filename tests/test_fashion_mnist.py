@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tmconvert.converter.data.fashion_mnist import DatasetError, load_fashion_mnist, read_idx
+from tmconvert.converter.data.errors import DatasetError
+from tmconvert.converter.data.fashion_mnist import load_fashion_mnist, read_idx
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests._ckpt_factory import SMALL, make_vit_state_dict, write_checkpoint
+from tmconvert.converter.checkpoint.errors import UnsafePickleError
 from tmconvert.converter.cli import main
-from tmconvert.converter.errors import UnsafePickleError
 
 DEEP = dataclasses.replace(SMALL, depth=12, distilled=True)
 

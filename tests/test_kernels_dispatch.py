@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from tmconvert.converter.errors import ConfigError, TmconvertError
-from tmconvert.kernels import dispatch, selective_scan
+from tmconvert.converter.cli import USER_ERRORS
+from tmconvert.kernels import BackendError, dispatch, selective_scan
 from tmconvert.kernels.dispatch import available_backends, resolve_backend
 from tmconvert.kernels.selective_scan_ref import selective_scan_ref
 
@@ -118,32 +118,32 @@ def test_env_var_selects_backend_for_calls(backends, monkeypatch: pytest.MonkeyP
     assert len(triton_fake.calls) == 1
 
 
-def test_unavailable_backend_raises_config_error(backends) -> None:
+def test_unavailable_backend_raises_backend_error(backends) -> None:
     backends(triton=False, cuda=False)
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(BackendError) as err:
         resolve_backend(CUDA, "cuda")
     message = str(err.value)
     assert "'cuda'" in message and "cannot be imported" in message and "available on cuda: reference" in message
     assert "\n" not in message
-    assert isinstance(err.value, TmconvertError)
-    with pytest.raises(ConfigError, match=r"'triton' .*cannot be imported.*available on cpu: reference"):
+    assert isinstance(err.value, USER_ERRORS)  # the CLI reports it as one line
+    with pytest.raises(BackendError, match=r"'triton' .*cannot be imported.*available on cpu: reference"):
         selective_scan(**scan_args(), backend="triton")
 
 
 def test_backend_present_but_wrong_device(backends) -> None:
     backends(triton=True, cuda=True)
-    with pytest.raises(ConfigError, match=r"'cuda' \(backend argument\).*needs CUDA tensors.*available on cpu: ref"):
+    with pytest.raises(BackendError, match=r"'cuda' \(backend argument\).*needs CUDA tensors.*available on cpu: ref"):
         resolve_backend(CPU, "cuda")
-    with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
+    with pytest.raises(BackendError, match="TRITON_INTERPRET=1"):
         resolve_backend(CPU, "triton")
 
 
 def test_unknown_backend_names(backends, monkeypatch: pytest.MonkeyPatch) -> None:
     backends()
-    with pytest.raises(ConfigError, match=r"unknown selective-scan backend 'fast'.*reference, triton, cuda"):
+    with pytest.raises(BackendError, match=r"unknown selective-scan backend 'fast'.*reference, triton, cuda"):
         resolve_backend(CPU, "fast")
     monkeypatch.setenv(dispatch.ENV_VAR, "bogus")
-    with pytest.raises(ConfigError, match=f"'bogus' \\(env {dispatch.ENV_VAR}\\)"):
+    with pytest.raises(BackendError, match=f"'bogus' \\(env {dispatch.ENV_VAR}\\)"):
         resolve_backend(CPU)
 
 
@@ -174,7 +174,7 @@ def test_automatic_steps_down_from_cuda_for_unsupported_calls(backends, triton: 
     backends(triton=triton, cuda=True)
     assert dispatch._backend_for_call(CUDA, torch.float32, None, lambda: None) == "cuda"
     assert dispatch._backend_for_call(CUDA, torch.float32, None, lambda: "state size N=300 exceeds 256") == fallback
-    with pytest.raises(ConfigError, match=r"'cuda' .*cannot run this call: state size N=300"):
+    with pytest.raises(BackendError, match=r"'cuda' .*cannot run this call: state size N=300"):
         dispatch._backend_for_call(CUDA, torch.float32, "cuda", lambda: "state size N=300 exceeds 256")
 
 
@@ -227,7 +227,7 @@ def test_use_backend_scopes_calls_without_an_explicit_backend(monkeypatch) -> No
         with use_backend(None):
             monkeypatch.delenv("TMCONVERT_SCAN_BACKEND")
             assert resolve_backend(cpu) == "reference"  # automatic on CPU
-    with use_backend("nonsense"), pytest.raises(ConfigError, match="use_backend"):
+    with use_backend("nonsense"), pytest.raises(BackendError, match="use_backend"):
         resolve_backend(cpu)
     assert available_backends(cpu)[0] == "reference"
 

@@ -1,4 +1,5 @@
-"""`tmconvert check`: every shipped mapping passes; planted mistakes are all reported in one run, with locations."""
+"""`tmconvert check`: every shipped mapping and recipe passes; planted mistakes are all reported in one run, with
+locations; each file is checked as the kind of file it declares."""
 
 from __future__ import annotations
 
@@ -9,27 +10,31 @@ from pathlib import Path
 import pytest
 
 from tmconvert.converter.cli import main
-from tmconvert.converter.cli.check import check_files
-from tmconvert.converter.mapping.schema import is_mapping_file, shipped_mapping_paths
+from tmconvert.converter.distill.recipe import shipped_recipe_paths
+from tmconvert.converter.lint import check_files
+from tmconvert.converter.mapping.files import shipped_mapping_paths
 
-MAPPINGS = Path(__file__).resolve().parents[1] / "mappings"
+REPO = Path(__file__).resolve().parents[1]
+MAPPINGS = REPO / "mappings"
+RECIPES = REPO / "recipes"
 
 
-def test_ci_check_of_the_mappings_folder(capsys):
-    """What CI runs: `tmconvert check` on the mapping files of `mappings/` (the folder also holds recipes)."""
-    files = sorted(str(p) for p in MAPPINGS.glob("*.yaml") if is_mapping_file(p))
-    assert len(files) >= 2
-    assert main(["check", *files]) == 0, capsys.readouterr().out
+def test_ci_check_of_the_mappings_and_recipes_folders(capsys):
+    """What CI runs: `tmconvert check mappings/*.yaml recipes/*.yaml`."""
+    mappings, recipes = sorted(MAPPINGS.glob("*.yaml")), sorted(RECIPES.glob("*.yaml"))
+    assert len(mappings) >= 2 and len(recipes) >= 1
+    assert main(["check", *map(str, mappings + recipes)]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
-    assert out.count("ok") == len(files) and "deit-b->vim-s" in out
+    assert out.count("ok") == len(mappings) + len(recipes) and "deit-b->vim-s" in out and "(recipe)" in out
 
 
-def test_default_is_the_shipped_mappings(capsys):
-    shipped = {p.name for p in shipped_mapping_paths()}
-    assert shipped == {p.name for p in MAPPINGS.glob("*.yaml") if is_mapping_file(p)} >= {"vit-vim-mlp.yaml"}
+def test_default_is_the_shipped_mappings_and_recipes(capsys):
+    shipped = {p.name for p in shipped_mapping_paths()} | {p.name for p in shipped_recipe_paths().values()}
+    assert shipped == {p.name for p in [*MAPPINGS.glob("*.yaml"), *RECIPES.glob("*.yaml")]} >= {"default.yaml"}
     assert main(["check", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert all(f["ok"] for f in report["files"]) and {Path(f["path"]).name for f in report["files"]} == shipped
+    assert {f["kind"] for f in report["files"]} == {"mapping", "recipe"}
 
 
 def _broken_copy(tmp_path: Path, edits: list[tuple[str, str]], name: str = "broken.yaml") -> Path:
@@ -162,11 +167,21 @@ def test_unsupported_pair_is_explained(tmp_path, capsys, pairs):
     assert "index_sets.residual: keeps 384 (target.embed_dim) of 192 (source.embed_dim) entries" in out
 
 
-def test_only_mapping_files_count_as_mappings(tmp_path):
-    (tmp_path / "recipe.yaml").write_text("recipe: 1\nsteps: 10\n")
+def test_files_are_checked_as_what_they_declare(tmp_path, capsys):
+    (tmp_path / "recipe.yaml").write_text("recipe: 1\nsteps: 10\noptim:\n  lr: -1\n  nosuch: 2\n")
     (tmp_path / "mapping.yaml").write_text("mapping: 1\n")
-    (tmp_path / "typo.yaml").write_text("mappin: 1\n")  # neither: `check` must see it and say what is missing
+    (tmp_path / "typo.yaml").write_text("mappin: 1\n")
     (tmp_path / "bad.yaml").write_text("mapping: [\n")
-    assert [is_mapping_file(tmp_path / n) for n in ("recipe.yaml", "mapping.yaml", "typo.yaml", "bad.yaml")] == [
-        False, True, True, True,
-    ]  # fmt: skip
+    reports = check_files([tmp_path / n for n in ("recipe.yaml", "mapping.yaml", "typo.yaml", "bad.yaml")])
+    assert [r.kind for r in reports] == ["recipe", "mapping", None, None]
+    recipe, mapping, typo, bad = (r.problems for r in reports)
+    assert recipe == [
+        f"{tmp_path / 'recipe.yaml'}:4: optim.lr: Input should be greater than 0",
+        f"{tmp_path / 'recipe.yaml'}:5: optim.nosuch: Extra inputs are not permitted",
+    ]
+    assert any("source: Field required" in p for p in mapping)
+    assert typo == [f"{tmp_path / 'typo.yaml'}: not a tmconvert file: expected a YAML mapping that declares "
+                    "`mapping: 1` or `recipe: 1`"]  # fmt: skip
+    assert len(bad) == 1 and bad[0].startswith(f"{tmp_path / 'bad.yaml'}:2: not valid YAML")
+    assert main(["check", str(tmp_path / "recipe.yaml")]) == 1
+    assert "recipe.yaml:4: optim.lr: Input should be greater than 0" in capsys.readouterr().out

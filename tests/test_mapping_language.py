@@ -6,10 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tmconvert.converter.errors import ConfigError, MappingError
+from tmconvert.converter.errors import ConfigError
+from tmconvert.converter.mapping.errors import MappingError
+from tmconvert.converter.mapping.files import load_mapping
 from tmconvert.converter.mapping.ops import keep_prefix, move_token, parse_op, resample_kernel, select, split_qkv
-from tmconvert.converter.mapping.schema import Pattern, load_mapping
-from tmconvert.converter.plan.plan import SourceSide, TargetSide, build_plan, plan_layers
+from tmconvert.converter.mapping.schema import Pattern
+from tmconvert.converter.plan.layers import plan_layers
+from tmconvert.converter.plan.plan import SourceSide, TargetSide, build_plan
 from tmconvert.models.vim import VimConfig
 from tmconvert.models.vit import ViTConfig
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tmconvert.converter.errors import ConfigError
-from tmconvert.models import VimConfig, VisionMamba, build_model, get_config, state_dict_shapes
+from tmconvert.models import ModelConfigError, VimConfig, VisionMamba, build_model, get_config, state_dict_shapes
 
 # --------------------------------------------------------------------------------------------------------------------
 # (1) The complete state dict, written out from architectures.md §2.2 (hustvl/Vim@dd0358a)
@@ -356,11 +355,11 @@ def test_from_state_dict_shapes_hints() -> None:
     stride8 = get_config("vim-t-stride8")
     shapes = state_dict_shapes(stride8)
     assert VimConfig.from_state_dict_shapes(shapes, img_size=224) == stride8
-    with pytest.raises(ConfigError, match=r"not a square grid|does not fit"):
+    with pytest.raises(ModelConfigError, match=r"not a square grid|does not fit"):
         VimConfig.from_state_dict_shapes({**shapes, "pos_embed": (1, 700, 192)})
     wide = tiny(img_size=(16, 24), stride=2)  # 7 x 11 overlapping patches
     assert VimConfig.from_state_dict_shapes(state_dict_shapes(wide), img_size=(16, 24)) == wide
-    with pytest.raises(ConfigError, match="no stride"):
+    with pytest.raises(ModelConfigError, match="no stride"):
         VimConfig.from_state_dict_shapes(state_dict_shapes(wide), img_size=(16, 16))
     front = tiny(cls_position="front")
     assert VimConfig.from_state_dict_shapes(state_dict_shapes(front), cls_position="front") == front
@@ -372,15 +371,15 @@ def test_from_state_dict_shapes_hints() -> None:
 def test_from_state_dict_shapes_rejects_other_layouts() -> None:
     shapes = state_dict_shapes(get_config("vim-t"))
     v1 = {k: v for k, v in shapes.items() if "_b" not in k.rsplit(".", 1)[0] and "A_b_log" not in k}
-    with pytest.raises(ConfigError, match=r"missing layers\.0\.mixer\.A_b_log"):
+    with pytest.raises(ModelConfigError, match=r"missing layers\.0\.mixer\.A_b_log"):
         VimConfig.from_state_dict_shapes(v1)
-    with pytest.raises(ConfigError, match=r"unexpected layers\.3\.mixer\.in_proj\.bias"):
+    with pytest.raises(ModelConfigError, match=r"unexpected layers\.3\.mixer\.in_proj\.bias"):
         VimConfig.from_state_dict_shapes({**shapes, "layers.3.mixer.in_proj.bias": (768,)})
-    with pytest.raises(ConfigError, match=r"layers\.7\.mixer\.x_proj\.weight is \(40, 384\)"):
+    with pytest.raises(ModelConfigError, match=r"layers\.7\.mixer\.x_proj\.weight is \(40, 384\)"):
         VimConfig.from_state_dict_shapes({**shapes, "layers.7.mixer.x_proj.weight": (40, 384)})
-    with pytest.raises(ConfigError, match="not a Vim state dict"):
+    with pytest.raises(ModelConfigError, match="not a Vim state dict"):
         VimConfig.from_state_dict_shapes({"blocks.0.attn.qkv.weight": (576, 192)})
-    with pytest.raises(ConfigError, match="contradicts"):
+    with pytest.raises(ModelConfigError, match="contradicts"):
         VimConfig.from_state_dict_shapes(shapes, cls_position="none")
 
 
@@ -391,13 +390,13 @@ def test_upstream_checkpoint_loads_strictly_and_wrong_image_size_is_refused() ->
     target.load_state_dict(source.state_dict(), strict=True)
     images = tiny_images(cfg, dtype=torch.float32)
     torch.testing.assert_close(target(images), source(images), rtol=0, atol=0)
-    with pytest.raises(ConfigError, match="expects"):
+    with pytest.raises(ModelConfigError, match="expects"):
         target(torch.zeros(1, 3, 20, 16))
 
 
 def test_invalid_configs() -> None:
-    with pytest.raises(ConfigError, match="cls_position"):
+    with pytest.raises(ModelConfigError, match="cls_position"):
         VimConfig(cls_position="left")
-    with pytest.raises(ConfigError, match="dt_min"):
+    with pytest.raises(ModelConfigError, match="dt_min"):
         VimConfig(dt_min=0.2, dt_max=0.1)
     assert VimConfig(embed_dim=200).resolved_dt_rank == 13 and VimConfig(dt_rank=4).resolved_dt_rank == 4

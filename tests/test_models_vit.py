@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from tests._timm import import_timm, timm_vit
-from tmconvert.converter.errors import ConfigError
-from tmconvert.models import VisionTransformer, ViTConfig, build_model, resample_abs_pos_embed
+from tmconvert.models import ModelConfigError, VisionTransformer, ViTConfig, build_model, resample_abs_pos_embed
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -162,9 +161,9 @@ def test_resample_abs_pos_embed_equals_timm(prefix: int, old: tuple[int, int], n
 
 
 def test_resample_abs_pos_embed_rejects_a_non_grid() -> None:
-    with pytest.raises(ConfigError, match="not a square grid"):
+    with pytest.raises(ModelConfigError, match="not a square grid"):
         resample_abs_pos_embed(torch.zeros(1, 1 + 15, 4), (4, 4))
-    with pytest.raises(ConfigError, match="expected 3x3"):
+    with pytest.raises(ModelConfigError, match="expected 3x3"):
         resample_abs_pos_embed(torch.zeros(1, 1 + 16, 4), (4, 4), (3, 3))
 
 
@@ -184,9 +183,9 @@ def test_seeded_init_is_reproducible() -> None:
 
 
 def test_invalid_configs_raise_config_error() -> None:
-    with pytest.raises(ConfigError, match="divisible"):
+    with pytest.raises(ModelConfigError, match="divisible"):
         ViTConfig(embed_dim=100, num_heads=3)
-    with pytest.raises(ConfigError, match="class_token"):
+    with pytest.raises(ModelConfigError, match="class_token"):
         ViTConfig(class_token=False)
-    with pytest.raises(ConfigError, match="distilled"):
+    with pytest.raises(ModelConfigError, match="distilled"):
         ViTConfig(distilled=True, no_embed_class=True)

@@ -1,4 +1,5 @@
-"""The built wheel is a complete package: installed outside the checkout, it finds and checks its mappings."""
+"""The built wheel is a complete package: installed outside the checkout, it finds and checks its mappings and
+recipes, and every sub-package of the checkout is in it."""
 
 from __future__ import annotations
 
@@ -9,14 +10,19 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from setuptools.config.pyprojecttoml import read_configuration
+
 ROOT = Path(__file__).resolve().parents[1]
+SETUPTOOLS = read_configuration(ROOT / "pyproject.toml")["tool"]["setuptools"]
 
 PROBE = """
 import json, sys
 import tmconvert.converter, tmconvert.mappings
 from tmconvert.converter.cli import main
-from tmconvert.converter.mapping.schema import shipped_mapping_paths
-print(json.dumps({"package": tmconvert.converter.__file__, "mappings": [str(p) for p in shipped_mapping_paths()]}))
+from tmconvert.converter.distill.recipe import shipped_recipe_paths
+from tmconvert.converter.mapping.files import shipped_mapping_paths
+print(json.dumps({"package": tmconvert.converter.__file__, "mappings": [str(p) for p in shipped_mapping_paths()],
+                  "recipes": [str(p) for p in shipped_recipe_paths().values()]}))
 sys.exit(main(["check"]))
 """
 
@@ -28,7 +34,7 @@ def test_wheel_installed_elsewhere_finds_and_checks_its_mappings(tmp_path: Path)
     for name in ("pyproject.toml", "README.md"):
         src.mkdir(exist_ok=True)
         shutil.copy2(ROOT / name, src / name)
-    for folder in ("converter", "kernels", "models", "mappings"):
+    for folder in SETUPTOOLS["package-dir"].values():
         shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
     subprocess.run(
@@ -53,3 +59,11 @@ def test_wheel_installed_elsewhere_finds_and_checks_its_mappings(tmp_path: Path)
     names = sorted(Path(p).name for p in found["mappings"])
     assert "vit-vim-mlp.yaml" in names and "vit-vim-attn.yaml" in names
     assert all(Path(p).is_relative_to(site) for p in found["mappings"])
+    assert [Path(p).name for p in found["recipes"]] == ["default.yaml"]
+    assert all(Path(p).is_relative_to(site) for p in found["recipes"])
+
+
+def test_every_package_folder_of_the_checkout_is_packaged() -> None:
+    folders = {f"tmconvert.{init.parent.relative_to(ROOT)}".replace("/", ".") for init in ROOT.glob("*/**/__init__.py")
+               if init.parts[len(ROOT.parts)] in SETUPTOOLS["package-dir"].values()}  # fmt: skip
+    assert folders == set(SETUPTOOLS["packages"])

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from tmconvert.converter.errors import ConfigError
 from tmconvert.models import (
+    ModelConfigError,
     VimConfig,
     VisionMamba,
     VisionTransformer,
@@ -58,9 +58,9 @@ def test_vim_configs(name: str, dim: int) -> None:
 
 
 def test_unknown_name_lists_known_models() -> None:
-    with pytest.raises(ConfigError, match=r"unknown model 'vim-xl'; known models: .*deit-t.*vim-t"):
+    with pytest.raises(ModelConfigError, match=r"unknown model 'vim-xl'; known models: .*deit-t.*vim-t"):
         get_config("vim-xl")
-    with pytest.raises(ConfigError, match="unknown model family 'vmamba'"):
+    with pytest.raises(ModelConfigError, match="unknown model family 'vmamba'"):
         list_models("vmamba")
 
 
@@ -87,7 +87,7 @@ def test_build_model_overrides_and_seed() -> None:
 
 
 def test_build_model_rejects_unknown_fields() -> None:
-    with pytest.raises(ConfigError, match=r"unknown VimConfig field.*num_heads"):
+    with pytest.raises(ModelConfigError, match=r"unknown VimConfig field.*num_heads"):
         build_model("vim-t", num_heads=3)
 
 
@@ -95,7 +95,7 @@ def test_register_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
     register("vim-tiny-test", VimConfig(embed_dim=32, depth=2))
     assert get_config("vim-tiny-test").embed_dim == 32 and "vim-tiny-test" in list_models("vim")
-    with pytest.raises(ConfigError, match="already registered"):
+    with pytest.raises(ModelConfigError, match="already registered"):
         register("vim-t", VimConfig())
-    with pytest.raises(ConfigError, match="not a known model config type"):
+    with pytest.raises(ModelConfigError, match="not a known model config type"):
         register("bad", {"embed_dim": 3})

@@ -9,21 +9,20 @@ from PIL import Image
 
 from tests._ckpt_factory import SMALL, make_vit_state_dict
 from tmconvert.converter.convert.subclone import (
-    CalibrationError,
-    SetRequest,
     activation_scores,
-    build_teacher,
-    calibration_batches,
     choose,
-    parse_calib,
     top_k_sorted,
     uniform_indices,
 )
-from tmconvert.converter.data.images import IMAGENET_MEAN, IMAGENET_STD, DatasetError
+from tmconvert.converter.data.calibration import calibration_batches, parse_calib
+from tmconvert.converter.data.errors import DatasetError
+from tmconvert.converter.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from tmconvert.converter.plan.plan import IndexSetPlan
+from tmconvert.models import VisionTransformer
 
-RESIDUAL = SetRequest("residual", "residual", full=32, keep=8, blocks=(None,))
-HIDDEN = SetRequest("hidden", "mlp_hidden", full=128, keep=16, blocks=(0, 1))
-VALUE = SetRequest("value", "attn_value", full=32, keep=8, blocks=(1,))
+RESIDUAL = IndexSetPlan("residual", full=32, keep=8, per="model", score="residual", blocks=(None,))
+HIDDEN = IndexSetPlan("hidden", full=128, keep=16, per="block", score="mlp_hidden", blocks=(0, 1))
+VALUE = IndexSetPlan("value", full=32, keep=8, per="block", score="attn_value", blocks=(1,))
 PLANTED_RESIDUAL = [2, 5, 11, 12, 19, 23, 28, 31]
 PLANTED_HIDDEN = {0: list(range(3, 128, 8)), 1: list(range(100, 116))}
 PLANTED_VALUE = [0, 4, 9, 10, 15, 20, 26, 30]
@@ -84,9 +83,15 @@ def _planted_activation_teacher() -> dict[str, torch.Tensor]:
     return sd
 
 
+def _teacher(sd: dict[str, torch.Tensor]) -> VisionTransformer:
+    teacher = VisionTransformer(SMALL, device="meta")
+    teacher.load_state_dict(sd, strict=True, assign=True)
+    return teacher
+
+
 def test_activation_scores_pick_planted_channels():
     sd = _planted_activation_teacher()
-    teacher = build_teacher(SMALL, sd.__getitem__, list(sd))
+    teacher = _teacher(sd)
     batches = calibration_batches(6, SMALL, seed=0)
     acts = activation_scores([RESIDUAL, HIDDEN, VALUE], teacher, batches)
     assert acts[("residual", None)].shape == (32,) and acts[("mlp_hidden", 0)].shape == (128,)
@@ -102,7 +107,7 @@ def test_activation_scores_pick_planted_channels():
 
 def test_activation_score_is_mean_abs_gelu_of_fc1():
     sd = make_vit_state_dict(SMALL, seed=5)
-    teacher = build_teacher(SMALL, sd.__getitem__, list(sd))
+    teacher = _teacher(sd)
     images = next(calibration_batches(3, SMALL, seed=1))
     acts = activation_scores([HIDDEN], teacher, iter([images]))
     captured = []
@@ -116,7 +121,7 @@ def test_activation_score_is_mean_abs_gelu_of_fc1():
 
 def test_identity_selection_when_nothing_shrinks():
     sd = make_vit_state_dict(SMALL, seed=6)
-    same = SetRequest("residual", "residual", full=32, keep=32, blocks=(None,))
+    same = IndexSetPlan("residual", full=32, keep=32, per="model", score="residual", blocks=(None,))
     for method in ("magnitude", "uniform"):
         assert choose([same], method, get=sd.__getitem__, cfg=SMALL)["residual"][None].tolist() == list(range(32))
 
@@ -144,7 +149,7 @@ def test_calibration_folder_and_synthetic(tmp_path):
 def test_calibration_errors(tmp_path):
     with pytest.raises(DatasetError, match="no such data folder"):
         parse_calib(str(tmp_path / "missing"))
-    with pytest.raises(CalibrationError, match="at least one"):
+    with pytest.raises(DatasetError, match="at least one"):
         parse_calib("0")
     empty = tmp_path / "empty"
     empty.mkdir()

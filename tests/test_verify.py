@@ -11,11 +11,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tests._ckpt_factory import SMALL, make_vit_state_dict, write_checkpoint
-from tmconvert.converter.checkpoint.reader import open_checkpoint
+from tmconvert.converter.checkpoint import open_checkpoint
 from tmconvert.converter.cli import main
 from tmconvert.converter.convert.engine import ConvertRequest, convert
-from tmconvert.converter.convert.subclone import calibration_batches
-from tmconvert.converter.modelfile.output import load_converted
+from tmconvert.converter.data.calibration import calibration_batches
+from tmconvert.converter.modelfile.converted import load_converted
 from tmconvert.converter.verify.numeric import verify_converted
 from tmconvert.kernels import dispatch
 from tmconvert.kernels.selective_scan_ref import selective_scan_ref

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tmconvert.converter.errors import CheckpointError
+from tmconvert.converter.checkpoint.errors import CheckpointError
 
 MAIN_ENTRIES = ("state_dict", "model", "module")  # non-EMA weights, in the order timm looks for them
 EMA_ENTRIES = ("state_dict_ema", "model_ema")

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tmconvert.converter.errors import CheckpointError, ConfigError
-from tmconvert.models.vit import ViTConfig
+from tmconvert.converter.checkpoint.errors import CheckpointError
+from tmconvert.models import ModelConfigError, ViTConfig, state_dict_shapes
 
 TIMM_NORM_EPS = 1e-6
 HF_NORM_EPS = 1e-12
@@ -141,51 +141,12 @@ def detect_vit_config(
             global_pool="token" if class_token and not fc_norm else "avg",
             fc_norm=fc_norm,
         )
-    except ConfigError as exc:
+    except ModelConfigError as exc:
         raise CheckpointError(f"{path}: tensors describe an unsupported ViT: {exc}") from exc
     if hints is not None:
         _check_hints(config, hints)
     _check_shapes(shapes, config, path)
     return Detection(config, tuple(notes))
-
-
-def vit_tensor_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
-    """Every canonical (timm) tensor of a ViT with this config, and its shape (architectures.md §1.2)."""
-    d, m = config.embed_dim, config.mlp_hidden
-    prefix = 0 if config.no_embed_class else config.num_prefix_tokens
-    shapes: dict[str, tuple[int, ...]] = {}
-    if config.class_token:
-        shapes["cls_token"] = (1, 1, d)
-    if config.distilled:
-        shapes["dist_token"] = (1, 1, d)
-    shapes["pos_embed"] = (1, config.num_patches + prefix, d)
-    shapes["patch_embed.proj.weight"] = (d, config.in_chans, config.patch_size, config.patch_size)
-    shapes["patch_embed.proj.bias"] = (d,)
-    for i in range(config.depth):
-        block = {
-            "norm1.weight": (d,),
-            "norm1.bias": (d,),
-            "attn.qkv.weight": (3 * d, d),
-            **({"attn.qkv.bias": (3 * d,)} if config.qkv_bias else {}),
-            "attn.proj.weight": (d, d),
-            "attn.proj.bias": (d,),
-            **({"ls1.gamma": (d,), "ls2.gamma": (d,)} if config.layer_scale else {}),
-            "norm2.weight": (d,),
-            "norm2.bias": (d,),
-            "mlp.fc1.weight": (m, d),
-            "mlp.fc1.bias": (m,),
-            "mlp.fc2.weight": (d, m),
-            "mlp.fc2.bias": (d,),
-        }
-        shapes.update({f"blocks.{i}.{suffix}": shape for suffix, shape in block.items()})
-    final_norm = "fc_norm" if config.fc_norm else "norm"
-    shapes[f"{final_norm}.weight"] = (d,)
-    shapes[f"{final_norm}.bias"] = (d,)
-    heads = ("head", "head_dist") if config.distilled else ("head",)
-    for head in heads if config.num_classes else ():
-        shapes[f"{head}.weight"] = (config.num_classes, d)
-        shapes[f"{head}.bias"] = (config.num_classes,)
-    return shapes
 
 
 def _patch_embed(shapes: Mapping[str, tuple[int, ...]], hints: ConfigHints | None, path: Path) -> tuple[int, int, int]:
@@ -288,7 +249,7 @@ def _check_hints(config: ViTConfig, hints: ConfigHints) -> None:
 
 
 def _check_shapes(shapes: Mapping[str, tuple[int, ...]], config: ViTConfig, path: Path) -> None:
-    expected = vit_tensor_shapes(config)
+    expected = state_dict_shapes(config)
     missing = [name for name in expected if name not in shapes]
     if missing:
         raise CheckpointError(

@@ -21,8 +21,9 @@ import torch
 from safetensors import safe_open
 
 from tmconvert.converter.checkpoint.containers import select_state_dict
+from tmconvert.converter.checkpoint.errors import CheckpointError
 from tmconvert.converter.checkpoint.safe_unpickle import load_torch_file, torch_reason
-from tmconvert.converter.errors import CheckpointError
+from tmconvert.converter.dtypes import from_safetensors
 
 # Hugging Face model folders, in the order transformers prefers them.
 HF_WEIGHT_FILES = (
@@ -32,25 +33,6 @@ HF_WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 CONFIG_FILE = "config.json"
-
-_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
 
 class TensorStore(ABC):
     """Tensors by stored name: metadata up front, data on demand."""
@@ -279,7 +261,7 @@ def _safe_open(file: Path) -> Any:
 def _safetensors_meta(handle: Any, file: Path, key: str) -> tuple[tuple[int, ...], torch.dtype]:
     view = handle.get_slice(key)
     code = view.get_dtype()
-    dtype = _SAFETENSORS_DTYPES.get(code)
+    dtype = from_safetensors(code)
     if dtype is None:
         raise CheckpointError(f"{file}: tensor '{key}' has dtype {code}, which torch cannot hold")
-    return tuple(view.get_shape()), dtype
+    return tuple(view.get_shape()), dtype.torch

@@ -4,7 +4,7 @@ Like llama.cpp's tensor-name table: one row per tensor kind, with the name each 
 block index, `{p}` the parameter (`weight`/`bias`). Hugging Face splits timm's fused `attn.qkv` into query / key /
 value (rows with a `part`): the reader concatenates them back in that order (rows 0:D = Q, D:2D = K, 2D:3D = V).
 Hugging Face names are matched after removing the base-model prefix (`vit.` / `deit.`); its classifier heads sit
-outside that prefix. Facts: `shared/reference/architectures.md` §1.2-1.4.
+outside that prefix. The canonical order of the names is the timm model's own (`models.state_dict_shapes`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tmconvert.converter.errors import CheckpointError
+from tmconvert.converter.checkpoint.errors import CheckpointError
 
 NAMINGS = ("timm", "hf-legacy", "hf-v5")
 
@@ -155,41 +155,6 @@ def detect_naming(stored: Iterable[str], *, path: Path) -> tuple[str, str]:
         f"'encoder.layer.N.attention.attention.query.weight' / 'layers.N.attention.q_proj.weight' tensors; "
         f"found {len(names)} tensor(s) such as {sample}"
     )
-
-
-def canonical_sort_key(name: str) -> tuple[int, int, int, str]:
-    """timm's state_dict order: tokens and embeddings, blocks by number (2 before 10), final norm, heads."""
-    block = re.match(r"^blocks\.(\d+)\.(.+)$", name)
-    if block:
-        suffix = block.group(2)
-        return (1, int(block.group(1)), _BLOCK_RANK.get(suffix, len(_BLOCK_RANK)), suffix)
-    if name in _EMBED_RANK:
-        return (0, 0, _EMBED_RANK[name], name)
-    return (2, 0, _FINAL_RANK.get(name, len(_FINAL_RANK)), name)
-
-
-def _ranks(names: Iterable[str]) -> dict[str, int]:
-    return {name: rank for rank, name in enumerate(names)}
-
-
-_EMBED_RANK = _ranks(("cls_token", "pos_embed", "dist_token", "patch_embed.proj.weight", "patch_embed.proj.bias"))
-_BLOCK_RANK = _ranks(
-    f"{module}.{param}"
-    for module in ("norm1", "attn.qkv", "attn.proj", "ls1", "norm2", "mlp.fc1", "mlp.fc2", "ls2")
-    for param in (("gamma",) if module.startswith("ls") else ("weight", "bias"))
-)
-_FINAL_RANK = _ranks(
-    (
-        "norm.weight",
-        "norm.bias",
-        "fc_norm.weight",
-        "fc_norm.bias",
-        "head.weight",
-        "head.bias",
-        "head_dist.weight",
-        "head_dist.bias",
-    )
-)
 
 
 def _compile(naming: str) -> list[tuple[re.Pattern[str], str, int | None]]:

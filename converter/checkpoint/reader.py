@@ -22,10 +22,10 @@ import torch
 
 from tmconvert.converter.checkpoint.containers import strip_wrapper_prefixes
 from tmconvert.converter.checkpoint.detect import detect_vit_config, read_config_hints
+from tmconvert.converter.checkpoint.errors import CheckpointError
 from tmconvert.converter.checkpoint.formats import TensorStore, Weights, open_weights
-from tmconvert.converter.checkpoint.naming import Layout, canonical_layout, canonical_sort_key
-from tmconvert.converter.errors import CheckpointError
-from tmconvert.models.vit import ViTConfig
+from tmconvert.converter.checkpoint.naming import Layout, canonical_layout
+from tmconvert.models import VisionTransformer, ViTConfig, state_dict_shapes
 
 __all__ = ["Checkpoint", "TensorInfo", "open_checkpoint"]
 
@@ -45,7 +45,7 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
-class _Recipe:
+class _CanonicalTensor:
     """How one canonical tensor is made: stored tensors concatenated along dim 0, then viewed as `shape`."""
 
     sources: tuple[str, ...]
@@ -74,7 +74,7 @@ class Checkpoint:
         path: Path,
         weights: Weights,
         layout: Layout,
-        recipes: dict[str, _Recipe],
+        tensors: dict[str, _CanonicalTensor],
         config: ViTConfig,
         notes: tuple[str, ...],
         config_file: Path | None,
@@ -93,18 +93,18 @@ class Checkpoint:
         self.config_file = config_file
         self.size_on_disk = sum(file.stat().st_size for file in self.files)
         self._store: TensorStore | None = weights.store
-        self._recipes = dict(sorted(recipes.items(), key=lambda item: canonical_sort_key(item[0])))
+        self._tensors = {name: tensors[name] for name in state_dict_shapes(config) if name in tensors}
 
     def names(self) -> list[str]:
         """Canonical timm names in timm's state_dict order (tokens, embeddings, blocks.0 … blocks.N, norm, heads)."""
-        return list(self._recipes)
+        return list(self._tensors)
 
     def info(self, name: str) -> TensorInfo:
-        return self._recipe(name).info
+        return self._tensor(name).info
 
     def source_names(self, name: str) -> tuple[str, ...]:
         """The stored name(s) a canonical tensor is read from (three for fused Hugging Face q/k/v)."""
-        return self._recipe(name).sources
+        return self._tensor(name).sources
 
     def get(self, name: str) -> torch.Tensor:
         """Read one canonical tensor from disk.
@@ -112,25 +112,34 @@ class Checkpoint:
         Tensors of zip-format torch files are memory-mapped views (no copy); treat them as read-only, and clone
         before modifying in place, or later `get`s of the same tensor in this process see the change.
         """
-        recipe = self._recipe(name)
+        tensor = self._tensor(name)
         if self._store is None:
             raise ValueError(f"{self.path}: checkpoint is closed")
-        parts = [self._store.get(source) for source in recipe.sources]
-        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        return tensor.reshape(recipe.info.shape)
+        parts = [self._store.get(source) for source in tensor.sources]
+        fused = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return fused.reshape(tensor.info.shape)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) pairs, each read when the iteration reaches it."""
-        for name in self._recipes:
+        for name in self._tensors:
             yield name, self.get(name)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All canonical tensors at once, e.g. for `model.load_state_dict` (reads every tensor)."""
         return dict(self.items())
 
+    def model(self) -> VisionTransformer:
+        """The checkpoint's weights in a float32 `VisionTransformer` (every tensor is read)."""
+        model = VisionTransformer(self.config, device="meta")
+        try:
+            model.load_state_dict({name: tensor.float() for name, tensor in self.items()}, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{self.path}: does not load into a ViT ({str(exc).splitlines()[0]})") from None
+        return model
+
     @property
     def num_params(self) -> int:
-        return sum(recipe.info.numel for recipe in self._recipes.values())
+        return sum(tensor.info.numel for tensor in self._tensors.values())
 
     def close(self) -> None:
         if self._store is not None:
@@ -144,13 +153,13 @@ class Checkpoint:
         self.close()
 
     def __contains__(self, name: object) -> bool:
-        return name in self._recipes
+        return name in self._tensors
 
     def __len__(self) -> int:
-        return len(self._recipes)
+        return len(self._tensors)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._recipes)
+        return iter(self._tensors)
 
     def __repr__(self) -> str:
         return (
@@ -158,13 +167,13 @@ class Checkpoint:
             f"naming={self.naming!r}, tensors={len(self)}, params={self.num_params})"
         )
 
-    def _recipe(self, name: str) -> _Recipe:
-        recipe = self._recipes.get(name)
-        if recipe is None:
+    def _tensor(self, name: str) -> _CanonicalTensor:
+        tensor = self._tensors.get(name)
+        if tensor is None:
             raise CheckpointError(
-                f"{self.path}: no tensor '{name}' (canonical timm names, e.g. {', '.join(list(self._recipes)[:3])})"
+                f"{self.path}: no tensor '{name}' (canonical timm names, e.g. {', '.join(list(self._tensors)[:3])})"
             )
-        return recipe
+        return tensor
 
 
 def open_checkpoint(path: str | Path, *, ema: bool = False, num_heads: int | None = None) -> Checkpoint:
@@ -190,8 +199,8 @@ def open_checkpoint(path: str | Path, *, ema: bool = False, num_heads: int | Non
         infos[patch] = _with_shape(
             infos[patch], (config.embed_dim, config.in_chans, config.patch_size, config.patch_size)
         )
-        recipes = {name: _Recipe(layout.sources[name], info) for name, info in infos.items()}
-        return Checkpoint(path, weights, layout, recipes, config, detection.notes, hints.file if hints else None)
+        tensors = {name: _CanonicalTensor(layout.sources[name], info) for name, info in infos.items()}
+        return Checkpoint(path, weights, layout, tensors, config, detection.notes, hints.file if hints else None)
     except BaseException:
         weights.store.close()
         raise

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from tmconvert.converter.errors import CheckpointError, UnsafePickleError
+from tmconvert.converter.checkpoint.errors import CheckpointError, UnsafePickleError
 
 # The only classes a checkpoint may ask for beyond torch's own weights-only set, and why each is harmless:
 # argparse.Namespace (DeiT/timm `args`) is an attribute bag; rebuilding it calls no user code.

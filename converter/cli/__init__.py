@@ -26,6 +26,8 @@ from tmconvert.converter.cli import listing as list_cmd
 from tmconvert.converter.cli import verify as verify_cmd
 from tmconvert.converter.cli._console import err_console
 from tmconvert.converter.errors import TmconvertError
+from tmconvert.kernels import BackendError
+from tmconvert.models import ModelConfigError
 
 app = typer.Typer(
     name="tmconvert",
@@ -45,6 +47,10 @@ app.command("eval")(eval_cmd.eval_)
 app.command("verify")(verify_cmd.verify)
 
 _DEFAULT_COMMAND = "convert"
+
+# What a user can cause, reported as one line: the converter's errors share one base class; the two libraries below
+# it (models, kernels) import nothing of the converter and bring their own.
+USER_ERRORS: tuple[type[Exception], ...] = (TmconvertError, ModelConfigError, BackendError)
 
 
 def _version(value: bool) -> None:
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             if code == 130:
                 err_console.print("interrupted")
             return code
-    except TmconvertError as exc:
+    except USER_ERRORS as exc:
         if debug:
             raise
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)

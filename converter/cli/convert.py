@@ -1,4 +1,4 @@
-"""`tmconvert SOURCE --to TARGET`: convert a ViT checkpoint into a ViM (the default command).
+"""`tmconvert SOURCE --to TARGET`: convert a ViT checkpoint into a Mamba model (the default command).
 
 `--dry-run` prints the plan the conversion would execute (the same `Plan` object, not a second code path) and writes
 nothing; `--json` prints plans and reports as JSON on stdout. Progress goes to stderr.
@@ -17,7 +17,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 
 from tmconvert.converter.cli._console import console, err_console
-from tmconvert.converter.cli.verify import report_table
+from tmconvert.converter.cli._reports import report_table
 from tmconvert.converter.convert.engine import ConversionResult, ConvertRequest, Prepared, execute, prepare
 from tmconvert.converter.plan.plan import Plan, PlanEntry
 

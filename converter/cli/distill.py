@@ -20,15 +20,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.text import Text
 
 from tmconvert.converter.cli._console import console, err_console
+from tmconvert.converter.distill.processes import init_distributed
 from tmconvert.converter.distill.recipe import load_recipe, parse_pairs
-from tmconvert.converter.distill.run import (
-    DistillRequest,
-    DistillResult,
-    StepReport,
-    init_distributed,
-    prepare_run,
-    run_distillation,
-)
+from tmconvert.converter.distill.run import DistillRequest, DistillResult, StepReport, prepare_run, run_distillation
 
 
 def distill(

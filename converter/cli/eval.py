@@ -17,9 +17,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from tmconvert.converter.cli._console import console
-from tmconvert.converter.data.images import ImageDataset, Preprocess, eval_batches, open_source
+from tmconvert.converter.data.loaders import ImageDataset, eval_batches
+from tmconvert.converter.data.preprocess import InputSpec, Preprocess
+from tmconvert.converter.data.sources import open_source
 from tmconvert.converter.errors import ConfigError
-from tmconvert.converter.verify.accuracy import EvalResult, LoadedModel, evaluate, load_classifier
+from tmconvert.converter.modelfile.classifier import LoadedModel, load_classifier
+from tmconvert.converter.verify.accuracy import EvalResult, measure_accuracy
 
 
 def eval_(
@@ -45,7 +48,7 @@ def eval_(
     classes = loaded.config.num_classes
     if classes == 0:
         raise ConfigError(f"{model}: has no classifier head; nothing to evaluate")
-    spec = loaded.input_spec
+    spec = InputSpec.for_model(loaded.config.img_size, loaded.config.in_chans, loaded.metadata)
     source = open_source(data, split=split, img_size=spec.img_size, num_classes=classes)
     if source.classes is None:
         raise ConfigError(f"--data {data}: unlabelled images; evaluation needs class subfolders")
@@ -53,7 +56,7 @@ def eval_(
         raise ConfigError(f"--data {data}: {len(source.classes)} classes, the model predicts {classes}")
     dataset = ImageDataset(source, Preprocess(spec, train=False))
     batches = eval_batches(dataset, batch_size=batch_size, limit=limit, workers=workers)
-    result = evaluate(loaded.model.to(run_on), batches, num_classes=classes, device=run_on)
+    result = measure_accuracy(loaded.model.to(run_on), batches, num_classes=classes, device=run_on)
     if as_json:
         console.out(json.dumps(_report(loaded, data, result), indent=2), highlight=False)
     else:

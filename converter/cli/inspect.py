@@ -16,9 +16,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from tmconvert.converter.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
+from tmconvert.converter.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from tmconvert.converter.cli._console import console
-from tmconvert.models.vit import ViTConfig
+from tmconvert.models import ViTConfig
 
 _SOURCE_COLUMN_MIN_WIDTH = 110
 

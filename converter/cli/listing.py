@@ -14,9 +14,9 @@ from rich.table import Table
 
 from tmconvert.converter.cli._console import console
 from tmconvert.converter.errors import TmconvertError
+from tmconvert.converter.mapping.files import load_mapping, shipped_mapping_paths
 from tmconvert.converter.mapping.ops import OPS
-from tmconvert.converter.mapping.schema import load_mapping, shipped_mapping_paths
-from tmconvert.models.registry import build_model, get_config, list_models
+from tmconvert.models import build_model, get_config, list_models
 
 
 def _params(name: str) -> int:

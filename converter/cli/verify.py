@@ -1,4 +1,4 @@
-"""`tmconvert verify OUT [--teacher SRC]`: check a converted ViM numerically (see `converter/verify.py`)."""
+"""`tmconvert verify OUT [--teacher SRC]`: check a converted model numerically (see `converter.verify.numeric`)."""
 
 from __future__ import annotations
 
@@ -8,33 +8,12 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from tmconvert.converter.checkpoint.reader import open_checkpoint
+from tmconvert.converter.checkpoint import open_checkpoint
 from tmconvert.converter.cli._console import console, err_console
-from tmconvert.converter.convert.subclone import parse_calib
-from tmconvert.converter.verify.numeric import VerificationError, VerifyReport, verify_converted
-
-
-def report_table(report: VerifyReport) -> Table:
-    """The verification report as one rich table (also used by `convert`)."""
-    table = Table(title=f"verification of {escape(report.path)} on {report.images} images", title_justify="left")
-    table.add_column("check")
-    table.add_column("result")
-    table.add_row("finite outputs", "yes" if report.finite else "[red]NO[/]")
-    for name, err in report.backends.items():
-        table.add_row(f"backend {name}", "reference" if err == 0.0 else f"rel. error {err:.2e} vs reference")
-    if report.layers:
-        cells = [f"{s.layer}←{s.block if s.block is not None else '·'} {s.cosine:.3f}" for s in report.layers]
-        rows = [", ".join(cells[i:i + 6]) for i in range(0, len(cells), 6)]
-        table.add_row("layer cosine\n(student←teacher block)", "\n".join(rows))
-    if report.final_cosine is not None:
-        table.add_row("final features cosine", f"{report.final_cosine:.3f}")
-    if report.top1_agreement is not None:
-        table.add_row("top-1 agreement", f"{100 * report.top1_agreement:.1f} %")
-    for problem in report.problems:
-        table.add_row("[red]problem[/]", escape(problem))
-    return table
+from tmconvert.converter.cli._reports import report_table
+from tmconvert.converter.data.calibration import parse_calib
+from tmconvert.converter.verify.numeric import VerificationError, verify_converted
 
 
 def verify(

@@ -14,7 +14,6 @@ once, before conversion starts, and frees it.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,45 +22,26 @@ from typing import Any
 
 import torch
 
-from tmconvert.converter import __version__
-from tmconvert.converter.checkpoint.reader import Checkpoint, open_checkpoint
-from tmconvert.converter.convert.subclone import (
-    SCORE_METHODS,
-    Selection,
-    activation_scores,
-    build_teacher,
-    calibration_batches,
-    choose,
-    parse_calib,
-)
-from tmconvert.converter.errors import ConfigError, TmconvertError
-from tmconvert.converter.mapping.schema import LoadedMapping, default_mapping_for, find_mapping, load_mapping
-from tmconvert.converter.modelfile.output import (
+from tmconvert.converter import dtypes
+from tmconvert.converter.checkpoint import Checkpoint, open_checkpoint
+from tmconvert.converter.configs import config_json, derive_target_config
+from tmconvert.converter.convert.subclone import SCORE_METHODS, Selection, activation_scores, choose
+from tmconvert.converter.data.calibration import calibration_batches, parse_calib
+from tmconvert.converter.errors import ConfigError
+from tmconvert.converter.mapping.files import LoadedMapping, default_mapping_for, find_mapping, load_mapping
+from tmconvert.converter.mapping.interpret import EvalContext, OpContext, Region, evaluate
+from tmconvert.converter.modelfile.converted import (
     OutputPaths,
-    TensorSpec,
-    atomic_files,
-    check_output_paths,
+    encode_metadata,
+    header_fields,
     load_converted,
-    sha256_files,
-    write_json,
-    write_safetensors_stream,
+    write_model_file,
 )
-from tmconvert.converter.plan.plan import (
-    DTYPES,
-    EvalContext,
-    OpContext,
-    Plan,
-    PlanEntry,
-    Region,
-    SourceSide,
-    TargetSide,
-    build_plan,
-    config_json,
-    derive_target_config,
-    evaluate,
-)
+from tmconvert.converter.modelfile.files import check_writable, sha256_files
+from tmconvert.converter.modelfile.safetensors import TensorSpec
+from tmconvert.converter.plan.plan import Plan, PlanEntry, SourceSide, TargetSide, build_plan
 from tmconvert.converter.verify.numeric import VerificationError, VerifyReport, verify_converted
-from tmconvert.models.vim import VisionMamba
+from tmconvert.models import build_model
 
 FORMATS = ("safetensors", "vim")
 VERIFY_IMAGES = 8  # synthetic images the post-conversion check runs when no calibration folder was given
@@ -131,8 +111,6 @@ def prepare(request: ConvertRequest, *, check_outputs: bool = True) -> Prepared:
     """Open, plan and check everything cheap; raises a `TmconvertError` naming the problem."""
     if request.format not in FORMATS:
         raise ConfigError(f"--format {request.format}: choose one of {', '.join(FORMATS)}")
-    if request.layers is not None and request.layers <= 0:
-        raise ConfigError(f"--layers must be at least 1, got {request.layers}")
     score = request.score or ("activation" if request.calib is not None else "magnitude")
     if score not in SCORE_METHODS:
         raise ConfigError(f"--score {score}: choose one of {', '.join(SCORE_METHODS)}")
@@ -142,7 +120,7 @@ def prepare(request: ConvertRequest, *, check_outputs: bool = True) -> Prepared:
     out = request.out or default_output_path(request.source, request.target)
     paths = OutputPaths.for_weights(out, vim_pth=request.format == "vim")
     if check_outputs:
-        check_output_paths(paths, force=request.force)
+        check_writable(paths.all(), force=request.force)
     mapping_path = find_mapping(request.mapping) if request.mapping else default_mapping_for(request.target)
     mapping = load_mapping(mapping_path)
     checkpoint = open_checkpoint(request.source, ema=request.ema, num_heads=request.num_heads)
@@ -180,15 +158,15 @@ def prepare(request: ConvertRequest, *, check_outputs: bool = True) -> Prepared:
 def choose_index_sets(prepared: Prepared) -> Selection:
     """Score and choose every index set of the plan (identity selections need no scores)."""
     plan, ckpt = prepared.plan, prepared.checkpoint
-    requests = [s.request() for s in plan.index_sets.values()]
-    scored = [r for r in requests if r.keep < r.full]
+    index_sets = list(plan.index_sets.values())
+    scored = [s for s in index_sets if s.keep < s.full]
     activations = None
     if scored and prepared.score == "activation":
-        teacher = build_teacher(ckpt.config, ckpt.get, ckpt.names())
+        teacher = ckpt.model()
         batches = calibration_batches(prepared.calib, ckpt.config, seed=prepared.request.seed)
         activations = activation_scores(scored, teacher, batches)
         del teacher
-    return choose(requests, prepared.score, get=ckpt.get, cfg=ckpt.config, activations=activations)
+    return choose(index_sets, prepared.score, get=ckpt.get, cfg=ckpt.config, activations=activations)
 
 
 def iter_target_tensors(
@@ -210,7 +188,7 @@ def iter_target_tensors(
         ops_ctx = OpContext(configs, plan.index_sets, lambda s, b: selection[s][b], entry.block)
         ctx = EvalContext(_OncePerEntry(load), default, ops_ctx, meta=False)
         tensor = evaluate(entry.node, ctx, Region(entry.name, entry.shape))
-        yield entry.name, tensor.to(DTYPES[entry.dtype]).contiguous()
+        yield entry.name, tensor.to(dtypes.storable(entry.dtype).torch).contiguous()
 
 
 class _OncePerEntry:
@@ -227,12 +205,8 @@ class _OncePerEntry:
 
 
 def build_metadata(prepared: Prepared, selection: Selection, source_sha256: str) -> dict[str, str]:
-    """The safetensors `__metadata__` (str -> str; JSON for structured values, keys sorted, nothing time-based)."""
+    """The converted file's metadata: the model-file header fields, then what the conversion did."""
     plan, ckpt, request = prepared.plan, prepared.checkpoint, prepared.request
-
-    def dump(value: Any) -> str:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
     index_sets = {
         name: {
             "full": s.full,
@@ -243,24 +217,20 @@ def build_metadata(prepared: Prepared, selection: Selection, source_sha256: str)
         }
         for name, s in plan.index_sets.items()
     }
-    return {
-        "format": "tmconvert",
-        "tmconvert_version": __version__,
-        "family": "vim",
-        "target": plan.target.name,
-        "target_config": dump(config_json(plan.target.config)),
+    return encode_metadata({
+        **header_fields(plan.target.name, plan.target.config),
         "mapping": prepared.mapping.name,
         "mapping_sha256": prepared.mapping.sha256,
         "source": ckpt.path.name,
         "source_sha256": source_sha256,
         "source_format": ckpt.format,
-        "source_config": dump(config_json(ckpt.config)),
-        "options": dump({**plan.options, "calib": str(prepared.calib) if prepared.calib is not None else None}),
+        "source_config": config_json(ckpt.config),
+        "options": {**plan.options, "calib": str(prepared.calib) if prepared.calib is not None else None},
         "seed": str(request.seed),
-        "layer_plan": dump([{"layer": j, "block": b} for j, b in enumerate(plan.layers.blocks)]),
-        "index_sets": dump(index_sets),
-        "counts": dump(plan.counts()),
-    }
+        "layer_plan": [{"layer": j, "block": b} for j, b in enumerate(plan.layers.blocks)],
+        "index_sets": index_sets,
+        "counts": plan.counts(),
+    })
 
 
 def execute(
@@ -286,23 +256,21 @@ def execute(
     stage("initialising target")
     default_state = None
     if plan.needs_default_init:
-        default_state = VisionMamba(plan.target.config, seed=request.seed).state_dict()
+        default_state = build_model(plan.target.config, seed=request.seed).state_dict()
     metadata = build_metadata(prepared, selection, source_sha256)
     stage("writing")
     order = plan.write_order()
     specs = [TensorSpec(e.name, e.shape, e.dtype) for e in order]
-    keep_for_pth: dict[str, torch.Tensor] | None = {} if prepared.paths.pth is not None else None
     stream = iter_target_tensors(plan, order, ckpt.get, selection, default_state)
-    if keep_for_pth is not None:
-        stream = _tee(stream, keep_for_pth)
-    with atomic_files(prepared.paths.all(), overwrite=request.force) as files:
-        written = write_safetensors_stream(
-            files[prepared.paths.weights].file, specs, stream, metadata, on_tensor=on_tensor
-        )
-        write_json(files[prepared.paths.sidecar].file, _sidecar(metadata))
-        if keep_for_pth is not None:
-            state = {e.name: keep_for_pth[e.name] for e in plan.entries}
-            torch.save({"model": state}, files[prepared.paths.pth].file)
+    written = write_model_file(
+        prepared.paths,
+        specs,
+        stream,
+        metadata,
+        overwrite=request.force,
+        pth_order=[e.name for e in plan.entries],
+        on_tensor=on_tensor,
+    )
     stage("done")
     result = ConversionResult(
         paths=prepared.paths,
@@ -326,24 +294,24 @@ def execute(
 def verify_conversion(result: ConversionResult, prepared: Prepared) -> dict[str, Any]:
     """THE verification hook: runs after every conversion unless --no-verify.
 
-    Structure first (the written file reloads into `VisionMamba` with strict keys and shapes; the `.pth` of
-    `--format vim` holds the same keys), then numbers (`converter.verify`): a forward on the calibration images (or
+    Structure first (the written file reloads into its model with strict keys and shapes; the `.pth` of
+    `--format vim` holds the same keys), then numbers (`verify.numeric`): a forward on the calibration images (or
     synthetic ones) on the best device, finite outputs, agreement of the scan backends usable there, per-layer cosine
     to the teacher and top-1 agreement. A failed check raises `VerificationError`; the files stay for inspection.
     """
     cfg, state, _ = load_converted(result.paths.weights)
-    model = VisionMamba(cfg, device="meta")
+    model = build_model(cfg, device="meta")
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
-        raise TmconvertError(
-            f"{result.paths.weights}: does not load into VisionMamba "
+        raise VerificationError(
+            f"{result.paths.weights}: does not load into {type(model).__name__} "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     report: dict[str, Any] = {"keys": len(state), "strict_load": True}
     if result.paths.pth is not None:
         pth = torch.load(result.paths.pth, map_location="cpu", weights_only=True)
         if set(pth.get("model", {})) != set(state):
-            raise TmconvertError(f"{result.paths.pth}: keys differ from {result.paths.weights}")
+            raise VerificationError(f"{result.paths.pth}: keys differ from {result.paths.weights}")
         report["pth_keys"] = len(pth["model"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     numeric = verify_converted(
@@ -360,24 +328,6 @@ def verify_conversion(result: ConversionResult, prepared: Prepared) -> dict[str,
             f"{result.paths.weights}: written, but verification failed: {'; '.join(numeric.problems)}"
         )
     return report
-
-
-def _tee(
-    stream: Iterator[tuple[str, torch.Tensor]], keep: dict[str, torch.Tensor]
-) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, tensor in stream:
-        keep[name] = tensor.clone()
-        yield name, tensor
-
-
-def _sidecar(metadata: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in metadata.items():
-        try:
-            out[key] = json.loads(value) if value[:1] in "{[" else value
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def _durations(marks: dict[str, float]) -> dict[str, float]:

@@ -19,36 +19,16 @@ channel is the identity selection whatever the scores. Everything is determinist
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from tmconvert.converter.data.images import ImageDataset, InputSpec, Preprocess, eval_batches, open_source
+from tmconvert.converter.data.errors import DatasetError
 from tmconvert.converter.errors import TmconvertError
-from tmconvert.models.vit import VisionTransformer, ViTConfig
+from tmconvert.converter.plan.plan import IndexSetPlan
+from tmconvert.models import VisionTransformer, ViTConfig
 
 SCORE_METHODS = ("magnitude", "activation", "uniform")
-CALIB_BATCH = 16
-CALIB_LIMIT = 512  # images read from a calibration source at most
-
-
-class CalibrationError(TmconvertError):
-    """Calibration images cannot be read, or the calibration option is malformed."""
-
-
-@dataclass(frozen=True)
-class SetRequest:
-    """One index set to choose: `keep` of `full` entries, ranked by `signal`, for each block in `blocks`.
-
-    `blocks` is `(None,)` for a model-wide set (residual stream) and the teacher block indices for per-block sets.
-    """
-
-    name: str
-    signal: str  # residual | mlp_hidden | attn_value
-    full: int
-    keep: int
-    blocks: tuple[int | None, ...]
 
 
 Selection = dict[str, dict[int | None, torch.Tensor]]
@@ -76,10 +56,10 @@ def _row_norms(weight: torch.Tensor) -> torch.Tensor:
     return weight.float().norm(dim=1)
 
 
-def magnitude_scores(request: SetRequest, block: int | None, get: TensorGetter, cfg: ViTConfig) -> torch.Tensor:
+def magnitude_scores(request: IndexSetPlan, block: int | None, get: TensorGetter, cfg: ViTConfig) -> torch.Tensor:
     """Data-free importance of every entry of one set (see the module docstring for the formulas)."""
     d = cfg.embed_dim
-    if request.signal == "residual":
+    if request.score == "residual":
         score = _row_norms(get("patch_embed.proj.weight").reshape(d, -1))
         for b in range(cfg.depth):
             pre = f"blocks.{b}."
@@ -88,50 +68,12 @@ def magnitude_scores(request: SetRequest, block: int | None, get: TensorGetter, 
             score += _row_norms(get(pre + "attn.proj.weight")) + _row_norms(get(pre + "mlp.fc2.weight"))
         return score
     pre = f"blocks.{block}."
-    if request.signal == "mlp_hidden":
+    if request.score == "mlp_hidden":
         return _row_norms(get(pre + "mlp.fc1.weight")) * _col_norms(get(pre + "mlp.fc2.weight"))
-    if request.signal == "attn_value":
+    if request.score == "attn_value":
         value_rows = get(pre + "attn.qkv.weight")[2 * d : 3 * d]
         return _row_norms(value_rows) * _col_norms(get(pre + "attn.proj.weight"))
-    raise ValueError(f"unknown score signal {request.signal!r}")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Calibration data
-
-
-def parse_calib(value: str | None) -> str | int | None:
-    """`--calib` → None (not given), N (N seeded N(0, 1) noise images) or a data spec as `--data` takes it: a folder
-    of images (class subfolders or flat), `fashion-mnist[:ROOT]` (its training split) or `synthetic:N`.
-
-    A data spec is opened once here, so a missing or empty source fails before any work starts.
-    """
-    if value is None:
-        return None
-    if value.isdigit():
-        count = int(value)
-        if count <= 0:
-            raise CalibrationError(f"--calib {value}: need at least one synthetic image")
-        return count
-    open_source(value)
-    return value
-
-
-def calibration_batches(
-    calib: str | int, cfg: ViTConfig, *, seed: int, limit: int = CALIB_LIMIT
-) -> Iterator[torch.Tensor]:
-    """Batches of images as the teacher sees them (resized, ImageNet-normalised; `converter.data`'s evaluation
-    preprocessing): the first `limit` images of the source in its order, or seeded N(0, 1) noise images."""
-    if isinstance(calib, int):
-        gen = torch.Generator().manual_seed(seed)
-        for start in range(0, calib, CALIB_BATCH):
-            n = min(CALIB_BATCH, calib - start)
-            yield torch.randn(n, cfg.in_chans, *cfg.img_size, generator=gen)
-        return
-    source = open_source(calib, img_size=cfg.img_size)
-    dataset = ImageDataset(source, Preprocess(InputSpec.for_model(cfg.img_size, cfg.in_chans), train=False))
-    for images, _ in eval_batches(dataset, batch_size=CALIB_BATCH, limit=limit):
-        yield images
+    raise ValueError(f"unknown score signal {request.score!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,12 +82,12 @@ def calibration_batches(
 
 @torch.no_grad()
 def activation_scores(
-    requests: Sequence[SetRequest], teacher: VisionTransformer, batches: Iterator[torch.Tensor]
+    requests: Sequence[IndexSetPlan], teacher: VisionTransformer, batches: Iterator[torch.Tensor]
 ) -> dict[tuple[str, int | None], torch.Tensor]:
     """Mean |activation| per entry for every (set, block) requested, from one teacher pass per batch."""
     cfg = teacher.cfg
-    want_hidden = {b for r in requests if r.signal == "mlp_hidden" for b in r.blocks}
-    want_value = any(r.signal == "attn_value" for r in requests)
+    want_hidden = {b for r in requests if r.score == "mlp_hidden" for b in r.blocks}
+    want_value = any(r.score == "attn_value" for r in requests)
     sums: dict[tuple[str, int | None], torch.Tensor] = {}
     count = 0
 
@@ -174,26 +116,14 @@ def activation_scores(
         for hook in hooks:
             hook.remove()
     if count == 0:
-        raise CalibrationError("calibration produced no images")
+        raise DatasetError("calibration produced no images")
     scores = {key: (total / count).float() for key, total in sums.items()}
     scores[("residual", None)] = scores[("residual", None)] / cfg.depth
     return scores
 
 
-def build_teacher(cfg: ViTConfig, get: TensorGetter, names: Sequence[str]) -> VisionTransformer:
-    """The teacher model with the checkpoint's weights (fp32), for activation scoring."""
-    teacher = VisionTransformer(cfg, device="meta")
-    state = {name: get(name).float() for name in names}
-    try:
-        teacher.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise TmconvertError(f"cannot build the teacher for activation scoring: {first}") from None
-    return teacher
-
-
 def choose(
-    requests: Sequence[SetRequest],
+    requests: Sequence[IndexSetPlan],
     method: str,
     *,
     get: TensorGetter,
@@ -214,7 +144,7 @@ def choose(
             else:
                 if method == "activation":
                     assert activations is not None
-                    scores = activations[(request.signal, block)]
+                    scores = activations[(request.score, block)]
                 else:
                     scores = magnitude_scores(request, block, get, cfg)
                 if scores.numel() != request.full:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmconvert.converter.errors import TmconvertError
+from tmconvert.converter.data.errors import DatasetError
 
 FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)
 FASHION_MNIST_CLASSES = (
@@ -22,10 +22,6 @@ FASHION_MNIST_CLASSES = (
 )
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
-
-class DatasetError(TmconvertError):
-    """A dataset file or folder is missing or malformed."""
 
 
 def read_idx(path: str | Path) -> np.ndarray:

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tmconvert.converter.errors import RunError
-from tmconvert.models.vit import TokenLayout
+from tmconvert.converter.distill.errors import RunError
+from tmconvert.models import TokenLayout
 
 PROJECTOR_KINDS = ("auto", "identity", "pad", "linear", "mlp")
 Reduce = Callable[[torch.Tensor], torch.Tensor]

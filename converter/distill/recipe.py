@@ -1,8 +1,8 @@
 """Distillation recipes: YAML validated by pydantic, with command-line overrides.
 
-The schema's defaults are the stage-2 recipe as far as it is known (method.md §3: AdamW, wd 0.05, warm-up + cosine,
+The schema's defaults are the stage-2 recipe as far as it is known (docs/method.md: AdamW, wd 0.05, warm-up + cosine,
 label smoothing 0.1, KD at T = 2, adaptive cosine alignment of every scan direction). The shipped
-`mappings/recipe-default.yaml` spells them out with a comment on every field; a test keeps the two identical.
+`recipes/default.yaml` spells them out with a comment on every field; a test keeps the two identical.
 
 Overrides (`--set optim.lr=1e-3`, repeated, and the flags `--steps`, `--batch-size`, `--lr`, `--seed`, `--pairs`)
 are written into the YAML data before validation, so a bad override is reported exactly like a bad file: one line
@@ -31,12 +31,11 @@ from pydantic import (
 )
 from pydantic import ValidationError as PydanticValidationError
 
-from tmconvert.converter.errors import RecipeError
-from tmconvert.converter.yamlfile import read_yaml
+from tmconvert.converter.distill.errors import RecipeError
+from tmconvert.converter.yamlfile import YamlDocument, read_yaml
 
 FORMAT_VERSION = 1
 PROJECTORS = ("auto", "identity", "pad", "linear", "mlp")
-SHIPPED_PREFIX = "recipe-"
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 Pair = tuple[NonNegativeInt, NonNegativeInt]
@@ -131,19 +130,15 @@ class Recipe(_Section):
 @dataclass(frozen=True)
 class LoadedRecipe:
     recipe: Recipe
-    source: str  # file path, or `<shipped>/recipe-default.yaml`
+    source: str  # file path (a shipped recipe's is inside the installed package)
     sha256: str  # of the file as read (overrides not included)
     overrides: tuple[str, ...]
 
 
 def shipped_recipe_paths() -> dict[str, Path]:
-    """Shipped recipes by name (`default` for `recipe-default.yaml`)."""
-    folder = resources.files("tmconvert.mappings")
-    return {
-        p.name.removeprefix(SHIPPED_PREFIX).removesuffix(".yaml"): Path(str(p))
-        for p in folder.iterdir()
-        if p.name.startswith(SHIPPED_PREFIX) and p.name.endswith(".yaml")
-    }
+    """Shipped recipes by name (`default` for `recipes/default.yaml`)."""
+    folder = resources.files("tmconvert.recipes")
+    return {p.name.removesuffix(".yaml"): Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
 
 
 def find_recipe(name_or_path: str | None) -> Path:
@@ -198,11 +193,28 @@ def load_recipe(
     """Read a recipe, apply `--set KEY=VALUE` overrides then the flag values (`{'optim.lr': 1e-3}`), validate."""
     path = find_recipe(name_or_path)
     doc = read_yaml(path, RecipeError, "recipe")
-    data, raw = doc.data, doc.raw
+    recipe, problems = _validate(doc, overrides, flags or {})
+    if recipe is None:
+        raise RecipeError("; ".join(problems))
+    return LoadedRecipe(recipe, str(path), hashlib.sha256(doc.raw).hexdigest(), tuple(overrides))
+
+
+def recipe_problems(path: Path) -> list[str]:
+    """Every problem of a recipe file, each as `file:line: yaml.path: message` (what `tmconvert check` reports)."""
+    doc = read_yaml(path, RecipeError, "recipe")
+    duplicates = [f"{path}:{line}: {_dotted(loc)}: duplicate key" for loc, line in doc.duplicates]
+    return duplicates + _validate(doc, (), {})[1]
+
+
+def _validate(
+    doc: YamlDocument, overrides: list[str] | tuple[str, ...], flags: dict[str, Any]
+) -> tuple[Recipe | None, list[str]]:
+    """The recipe with the overrides applied, or None and one line per problem naming where it came from."""
+    path, data = doc.path, doc.data
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping (recipe: {FORMAT_VERSION}, steps: ..., optim: ...)")
+        return None, [f"{path}: a recipe is a YAML mapping (recipe: {FORMAT_VERSION}, steps: ..., optim: ...)"]
     lines = doc.lines
     origins: dict[str, str] = {}
     for item in overrides:
@@ -216,13 +228,13 @@ def load_recipe(
             raise RecipeError(f"{origin}: the value is not valid YAML") from None
         _set_path(data, key.strip(), value, origin)
         origins[key.strip()] = origin
-    for key, value in (flags or {}).items():
+    for key, value in flags.items():
         if value is not None:
             flag = "--" + key.rsplit(".", 1)[-1].replace("_", "-")
             _set_path(data, key, value, flag)
             origins[key] = f"{flag} {value}"
     try:
-        recipe = Recipe.model_validate(data)
+        return Recipe.model_validate(data), []
     except PydanticValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -235,5 +247,4 @@ def load_recipe(
                     key = key[:-1]
                 origin = f"{path}:{lines[key]}" if key in lines else str(path)
             problems.append(f"{origin}: {dotted}: {err['msg']}")
-        raise RecipeError("; ".join(problems)) from None
-    return LoadedRecipe(recipe, str(path), hashlib.sha256(raw).hexdigest(), tuple(overrides))
+        return None, problems

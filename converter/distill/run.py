@@ -4,18 +4,12 @@
 whose geometry and classes follow the teacher), the data and the layer pairing, and checks that they fit together
 and that the run folder may be written — all before anything is written. `run_distillation` then trains.
 
-The run folder (`--out DIR`) holds `run.json` (resolved inputs and the run fingerprint), `recipe.yaml` (the resolved
-recipe), `metrics.jsonl` (one JSON object per logged step), `checkpoint.pt` (everything needed to continue: student,
-projectors, optimizer, scheduler, step, every rank's RNG state, the fingerprint) and, at the end,
-`student.safetensors` + `student.config.json` in the converter's format (upstream Vim keys, projectors dropped).
-Every file is replaced atomically; a killed run leaves the last complete checkpoint, and `--resume` continues from
-it to the very result an uninterrupted run gives: data order and augmentation are functions of (seed, epoch, index)
-(`data.py`), and the optimizer, scheduler and RNG states are restored. A checkpoint whose fingerprint (recipe minus
-its `run` section, teacher and student hashes, data, process count) differs from this run's is refused.
-
-Scale: one process, or several under `torchrun` (DistributedDataParallel; NCCL on GPUs, gloo on CPUs). The batch
-size is global; rank 0 logs and writes. The similarities behind the adaptive weights are averaged over ranks, so k
-processes compute what one process computes on the same global batch.
+The run folder's files are `runfiles.py`'s. A killed run leaves the last complete checkpoint, and `--resume`
+continues from it to the very result an uninterrupted run gives: data order and augmentation are functions of
+(seed, epoch, index) (`data.loaders`), and the optimizer, scheduler and RNG states are restored. A checkpoint whose
+fingerprint (recipe minus its `run` section, teacher and student hashes, data, process count) differs from this
+run's is refused. Under `torchrun` (`processes.py`) the similarities behind the adaptive weights are averaged over
+ranks, so k processes compute what one process computes on the same global batch.
 """
 
 from __future__ import annotations
@@ -32,116 +26,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as torch_dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from tmconvert.converter import __version__
-from tmconvert.converter.data.images import (
-    ImageDataset,
-    ImageSource,
-    InputSpec,
-    Preprocess,
-    open_source,
-    steps_per_epoch,
-    train_batches,
-)
-from tmconvert.converter.distill.loss import DistillationLoss, FeatureAlignment, LossOutput, token_alignment
+from tmconvert.converter.configs import config_json, derive_target_config
+from tmconvert.converter.data.loaders import ImageDataset, steps_per_epoch, train_batches
+from tmconvert.converter.data.preprocess import InputSpec, Preprocess
+from tmconvert.converter.data.sources import ImageSource, open_source
+from tmconvert.converter.distill.errors import RunError
+from tmconvert.converter.distill.loss import LossOutput, token_alignment
+from tmconvert.converter.distill.processes import DistContext
 from tmconvert.converter.distill.recipe import LoadedRecipe, Recipe
-from tmconvert.converter.errors import ConfigError, RunError
-from tmconvert.converter.modelfile.output import (
-    AtomicFile,
-    TensorSpec,
-    atomic_files,
-    load_converted,
-    sha256_files,
-    write_json,
-    write_safetensors_stream,
+from tmconvert.converter.distill.runfiles import (
+    TIMING_FIELDS,
+    MetricsLog,
+    RunPaths,
+    load_checkpoint,
+    save_checkpoint,
+    write_student,
+    write_text_atomic,
 )
-from tmconvert.converter.plan.plan import config_json, derive_target_config
-from tmconvert.converter.verify.accuracy import LoadedModel, load_classifier, load_vim
-from tmconvert.models.registry import get_config
-from tmconvert.models.vim import VimConfig, VisionMamba, state_dict_shapes
-from tmconvert.models.vit import VisionTransformer, ViTConfig
-
-CHECKPOINT_FORMAT = "tmconvert-distill-checkpoint"
-CHECKPOINT_VERSION = 1
-TIMING_FIELDS = ("images_per_second", "elapsed")  # step-record fields that vary from run to run
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Processes
-
-
-@dataclass(frozen=True)
-class DistContext:
-    """This process's place in the run: world size, rank, and the device it trains on."""
-
-    world: int = 1
-    rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The mean of `tensor` over ranks (a copy; the input is left alone)."""
-        if not self.distributed:
-            return tensor
-        out = tensor.detach().clone()
-        torch_dist.all_reduce(out)
-        return out / self.world
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank when `flag` is true on any (a collective: every rank must call it)."""
-        if not self.distributed:
-            return flag
-        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
-        return bool(value.item())
-
-    def gather(self, obj: Any) -> list[Any]:
-        if not self.distributed:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        torch_dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if self.distributed:
-            torch_dist.barrier()
-
-
-def init_distributed(device: str | None = None) -> DistContext:
-    """From torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK), or a single process.
-
-    `device`: "cpu", "cuda", or None (CUDA when available). Multi-process runs use NCCL on GPUs, gloo on CPUs.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device not in (None, "cpu", "cuda"):
-        raise ConfigError(f"--device {device}: choose cpu or cuda")
-    use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
-    if world > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo", world_size=world, rank=rank)
-    return DistContext(world=world, rank=rank, device=dev)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Inputs
+from tmconvert.converter.distill.trainer import Trainer, build_loss
+from tmconvert.converter.modelfile.classifier import LoadedModel, load_classifier, load_model_file
+from tmconvert.converter.modelfile.converted import encode_metadata, header_fields
+from tmconvert.converter.modelfile.files import sha256_files
+from tmconvert.models import ModelConfigError, ViTConfig, build_model, get_config
 
 
 @dataclass(frozen=True)
@@ -160,45 +69,13 @@ class DistillRequest:
     num_heads: int | None = None  # teacher heads, when shapes cannot tell
 
 
-@dataclass(frozen=True)
-class RunPaths:
-    folder: Path
-
-    @property
-    def student(self) -> Path:
-        return self.folder / "student.safetensors"
-
-    @property
-    def sidecar(self) -> Path:
-        return self.folder / "student.config.json"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.folder / "checkpoint.pt"
-
-    @property
-    def metrics(self) -> Path:
-        return self.folder / "metrics.jsonl"
-
-    @property
-    def recipe(self) -> Path:
-        return self.folder / "recipe.yaml"
-
-    @property
-    def run(self) -> Path:
-        return self.folder / "run.json"
-
-    def all(self) -> list[Path]:
-        return [self.run, self.recipe, self.metrics, self.checkpoint, self.student, self.sidecar]
-
-
 @dataclass
 class PreparedRun:
     request: DistillRequest
     recipe: Recipe
     teacher: LoadedModel
-    student: VisionMamba
-    student_config: VimConfig  # as stored (the recipe's drop path only applies while training)
+    student: nn.Module  # the student model (a Mamba family)
+    student_config: Any  # as stored (the recipe's drop path only applies while training)
     student_metadata: dict[str, Any]  # of the input file; {} for a from-scratch student
     student_origin: str  # the file name, or the registry name
     pairs: list[tuple[int, int]]
@@ -257,22 +134,45 @@ def resolve_pairs(
     return pairs
 
 
-def _load_student(spec: str, teacher_cfg: ViTConfig, seed: int) -> tuple[VisionMamba, dict[str, Any], str]:
+def student_metadata(prepared: PreparedRun, step: int, final: dict[str, Any]) -> dict[str, str]:
+    """The input student's metadata (layer plan, index sets, mapping, source, ...) plus what distillation did.
+
+    Timings stay in metrics.jsonl only, so the same run always writes the same bytes."""
+    cfg = prepared.student_config
+    base = {k: v for k, v in prepared.student_metadata.items() if k != "distill"}
+    base.update(header_fields(base.get("target", prepared.student_origin), cfg))
+    base["input"] = prepared.input_spec.to_json()
+    base.setdefault("layer_plan", [{"layer": j, "block": None} for j in range(cfg.depth)])
+    base["distill"] = {
+        "teacher": prepared.request.teacher.name,
+        "teacher_sha256": prepared.fingerprint_parts["teacher_sha256"],
+        "student": prepared.student_origin,
+        "data": prepared.source.identity(),
+        "recipe": prepared.recipe.to_json(),
+        "pairs": [list(p) for p in prepared.pairs],
+        "steps": step,
+        "fingerprint": prepared.fingerprint,
+        "final": {k: v for k, v in final.items() if k not in TIMING_FIELDS},
+    }
+    return encode_metadata(dict(sorted(base.items())))
+
+
+def _load_student(spec: str, teacher_cfg: ViTConfig, seed: int) -> tuple[torch.nn.Module, dict[str, Any], str]:
     path = Path(spec)
     if path.exists() or path.suffix == ".safetensors":
         if not path.is_file():
             raise RunError(f"{path}: no such student file (a tmconvert ViM .safetensors, or a model name like vim-t)")
-        loaded = load_vim(path)
+        loaded = load_model_file(path)
         return loaded.model, loaded.metadata, path.name
     try:
         get_config(spec)
-    except ConfigError:
+    except ModelConfigError:
         raise RunError(f"student {spec!r} is neither a file nor a known model name (see `tmconvert list`)") from None
     cfg = derive_target_config(spec, teacher_cfg)
-    return VisionMamba(cfg, seed=seed), {}, spec
+    return build_model(cfg, seed=seed), {}, spec
 
 
-def _check_fit(teacher: ViTConfig, student: VimConfig, recipe: Recipe, source: ImageSource) -> list[str]:
+def _check_fit(teacher: ViTConfig, student: Any, recipe: Recipe, source: ImageSource) -> list[str]:
     """The teacher, student, data and recipe fit together; returns notes about pieces switched off."""
     if tuple(student.img_size) != tuple(teacher.img_size) or student.in_chans != teacher.in_chans:
         raise RunError(
@@ -334,7 +234,7 @@ def prepare_run(request: DistillRequest, dist: DistContext | None = None) -> Pre
     stored_cfg = student.cfg
     if recipe.student.drop_path != stored_cfg.drop_path_rate:
         training_cfg = dataclasses.replace(stored_cfg, drop_path_rate=recipe.student.drop_path)
-        rebuilt = VisionMamba(training_cfg, device="meta")
+        rebuilt = build_model(training_cfg, device="meta")
         rebuilt.load_state_dict(student.state_dict(), strict=True, assign=True)
         student = rebuilt
     source = open_source(request.data, split="train", img_size=teacher_cfg.img_size,
@@ -370,7 +270,7 @@ def prepare_run(request: DistillRequest, dist: DistContext | None = None) -> Pre
         student_origin=origin,
         pairs=pairs,
         source=source,
-        input_spec=teacher.input_spec,
+        input_spec=InputSpec.for_model(teacher_cfg.img_size, teacher_cfg.in_chans, teacher.metadata),
         labelled=source.classes is not None,
         paths=paths,
         fingerprint=fingerprint,
@@ -378,403 +278,6 @@ def prepare_run(request: DistillRequest, dist: DistContext | None = None) -> Pre
         notes=notes,
         resume_state=resume_state,
     )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Training
-
-
-class StudentWithLoss(nn.Module):
-    """The trainable part (student + projectors) as one module, so DistributedDataParallel syncs both."""
-
-    def __init__(self, student: VisionMamba, loss: DistillationLoss):
-        super().__init__()
-        self.student = student
-        self.loss = loss
-
-    def forward(
-        self,
-        images: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        teacher_layers: list[torch.Tensor],
-        labels: torch.Tensor | None,
-        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> LossOutput:
-        out = self.student.forward_all(images, return_directions=self.loss.needs_directions)
-        return self.loss(out.logits, out.directions, teacher_logits, teacher_layers, labels, reduce)
-
-
-def build_loss(
-    recipe: Recipe, student: VisionMamba, teacher_cfg: ViTConfig, pairs: list[tuple[int, int]]
-) -> DistillationLoss:
-    """The recipe's loss for this student/teacher pair (projectors drawn from torch's current RNG)."""
-    spec = recipe.loss
-    alignment = None
-    if spec.feature > 0:
-        index, valid = token_alignment(student.token_layout(), teacher_cfg.token_layout())
-        alignment = FeatureAlignment(
-            pairs,
-            student.scan_orders(),
-            index,
-            valid,
-            student_width=student.cfg.d_inner,
-            teacher_width=teacher_cfg.embed_dim,
-            projector=spec.projector,
-            adaptive=spec.adaptive,
-            multi_directional=spec.multi_directional,
-            min_similarity=spec.min_similarity,
-        )
-    return DistillationLoss(task=spec.task, kd=spec.kd, feature=spec.feature, label_smoothing=spec.label_smoothing,
-                            temperature=spec.temperature, alignment=alignment)  # fmt: skip
-
-
-def param_groups(module: StudentWithLoss, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on the student's `no_weight_decay()` (pos/cls embeddings, A_log, D) nor on any
-    norm weight or bias (every parameter with fewer than two dimensions), projectors' included."""
-    skip = {f"student.{name}" for name in module.student.no_weight_decay()}
-    decay, no_decay = [], []
-    for name, param in module.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or name in skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_schedule(recipe: Recipe) -> Callable[[int], float]:
-    """LR factor per step: linear warm-up over `warmup_fraction` of the steps, then cosine down to `min_lr`."""
-    total, opt = recipe.steps, recipe.optim
-    warmup = round(opt.warmup_fraction * total)
-    floor = min(opt.min_lr / opt.lr, 1.0)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def resolve_amp(setting: str, device: torch.device) -> bool:
-    """bf16 autocast: `auto` on CUDA only, `bf16` anywhere, `off` never."""
-    return setting == "bf16" or (setting == "auto" and device.type == "cuda")
-
-
-def resolve_cuda_graph(setting: str | bool, dist: DistContext) -> bool:
-    """Replay each training step as one CUDA graph: `auto` on a single CUDA process, true there or an error, false.
-
-    A small student's step is thousands of short kernels whose launches, not the GPU, set the pace (ViM-T on 28 px
-    images); one graph replay launches them all at once. Not under DDP, whose gradient all-reduce hooks run outside
-    the captured step."""
-    possible = dist.device.type == "cuda" and not dist.distributed
-    if setting is True and not possible:
-        where = "under torchrun (DDP)" if dist.distributed else f"on {dist.device.type}"
-        raise ConfigError(f"run.cuda_graph=true: CUDA graphs need one CUDA process, this run is {where}")
-    return possible and setting is not False
-
-
-@dataclass
-class StepResult:
-    loss: LossOutput
-    grad_norm: torch.Tensor | None
-
-
-GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture: lazy initialisation (cuBLAS, Triton) settles
-
-
-class Trainer:
-    """One optimisation step of the student (and projectors) against a frozen teacher, and its resumable state.
-
-    With CUDA graphs (`run.cuda_graph`) the first GRAPH_WARMUP_STEPS steps run eagerly, the next one is captured
-    (forward, backward, clipping and the AdamW update, on static input buffers) and every later step copies its batch
-    into those buffers and replays the graph. The learning rate then lives in a device tensor that the schedule
-    fills between replays; the arithmetic is the eager step's."""
-
-    def __init__(
-        self,
-        teacher: VisionTransformer,
-        student: VisionMamba,
-        loss: DistillationLoss,
-        recipe: Recipe,
-        dist: DistContext | None = None,
-        *,
-        labelled: bool = True,
-    ):
-        self.dist = dist or DistContext()
-        device = self.dist.device
-        self.recipe = recipe
-        self.teacher = teacher.to(device).eval().requires_grad_(False)
-        self.module = StudentWithLoss(student, loss).to(device)
-        self.module.train()
-        self.model: nn.Module = self.module
-        if self.dist.distributed:
-            # logits reach the loss only through task (labelled data) or KD; without them unpaired layers and the
-            # head get no gradient, which DDP must be told
-            unused = recipe.loss.kd == 0 and (recipe.loss.task == 0 or not labelled)
-            self.model = DistributedDataParallel(
-                self.module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused
-            )
-        self.cuda_graph = resolve_cuda_graph(recipe.run.cuda_graph, self.dist)
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.module, recipe.optim.weight_decay),
-            lr=recipe.optim.lr,
-            betas=recipe.optim.betas,
-            eps=recipe.optim.eps,
-        )
-        self._place_optimizer_state()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(recipe))
-        self.amp = resolve_amp(recipe.run.amp, device)
-        self.step = 0
-        adaptive_and_shared = recipe.loss.adaptive and self.dist.distributed
-        self._reduce = self.dist.mean if adaptive_and_shared else None
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._static: tuple[torch.Tensor, torch.Tensor | None, StepResult] | None = None
-        self._eager_steps = 0
-
-    def _place_optimizer_state(self) -> None:
-        """Fit AdamW's groups and state to this run's mode, whichever mode wrote a resumed checkpoint. For graph
-        capture AdamW must be `capturable` (step counts on the device) and read its rate from a device tensor; the
-        schedule's base rate stays a float, so filling that tensor never synchronises."""
-        device = self.dist.device
-        for group in self.optimizer.param_groups:
-            group["capturable"] = self.cuda_graph
-            rate = float(group["lr"])
-            group["lr"] = torch.tensor(rate, device=device) if self.cuda_graph else rate
-            group.setdefault("initial_lr", self.recipe.optim.lr)
-        self._lr_tensors = [group["lr"] for group in self.optimizer.param_groups] if self.cuda_graph else []
-        for state in self.optimizer.state.values():
-            if "step" in state:
-                state["step"] = state["step"].to(device if self.cuda_graph else "cpu", torch.float32)
-
-    @property
-    def student(self) -> VisionMamba:
-        return self.module.student
-
-    @property
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    def _compute(self, images: torch.Tensor, labels: torch.Tensor | None, zero_grad: bool = True) -> StepResult:
-        """Forward, backward, clipping and the AdamW update on batches already on the device."""
-        device = self.dist.device
-        autocast = {"dtype": torch.bfloat16, "enabled": self.amp, "cache_enabled": not self.cuda_graph}
-        with torch.no_grad(), torch.autocast(device.type, **autocast):
-            teacher_out = self.teacher.forward_all(images)
-        with torch.autocast(device.type, **autocast):
-            loss = self.model(images, teacher_out.logits, teacher_out.layer_tokens, labels, self._reduce)
-        if zero_grad:
-            self.optimizer.zero_grad(set_to_none=True)
-        loss.total.backward()
-        loss.total = loss.total.detach()  # a caller holding the result must not keep this step's autograd graph alive
-        grad_norm = None
-        if self.recipe.optim.grad_clip > 0:
-            grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), self.recipe.optim.grad_clip)
-        self.optimizer.step()
-        return StepResult(loss, grad_norm)
-
-    def _graph_step(self, images: torch.Tensor, labels: torch.Tensor | None) -> StepResult:
-        device = self.dist.device
-        if self._graph is None and self._eager_steps < GRAPH_WARMUP_STEPS:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                result = self._compute(images, labels)
-            torch.cuda.current_stream(device).wait_stream(side)
-            self._eager_steps += 1
-            return result
-        if self._graph is None:
-            static_images = images.clone()
-            static_labels = labels.clone() if labels is not None else None
-            self.optimizer.zero_grad(set_to_none=True)  # the captured backward then writes (not adds) the grads
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                result = self._compute(static_images, static_labels, zero_grad=False)
-            self._graph, self._static = graph, (static_images, static_labels, result)
-        else:
-            static_images, static_labels, result = self._static  # type: ignore[misc]
-            static_images.copy_(images)
-            if static_labels is not None and labels is not None:
-                static_labels.copy_(labels)
-        self._graph.replay()
-        return result
-
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor | None) -> StepResult:
-        device = self.dist.device
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True) if labels is not None else None
-        result = self._graph_step(images, labels) if self.cuda_graph else self._compute(images, labels)
-        self.scheduler.step()
-        if self.cuda_graph:
-            self._keep_lr_tensors()
-        self.step += 1
-        return result
-
-    def _keep_lr_tensors(self) -> None:
-        """The captured AdamW update reads each group's rate tensor; a scheduler that assigned a float instead (older
-        PyTorch) would freeze the rate, so the float goes into the tensor."""
-        for group, rate in zip(self.optimizer.param_groups, self._lr_tensors, strict=True):
-            if group["lr"] is not rate:
-                rate.fill_(float(group["lr"]))
-                group["lr"] = rate
-
-    # -- resumable state ------------------------------------------------------------------------------------------
-
-    def _rng_state(self) -> dict[str, torch.Tensor | None]:
-        device = self.dist.device
-        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        return {"cpu": torch.get_rng_state(), "cuda": cuda}
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything to continue exactly (a collective under DDP: every rank's RNG state is gathered)."""
-        return {
-            "step": self.step,
-            "student": {k: v.detach().cpu() for k, v in self.module.student.state_dict().items()},
-            "projectors": {k: v.detach().cpu() for k, v in self.module.loss.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": self.dist.gather(self._rng_state()),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.student.load_state_dict(state["student"], strict=True)
-        self.module.loss.load_state_dict(state["projectors"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self._place_optimizer_state()
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        rng = state["rng"][self.dist.rank]
-        torch.set_rng_state(rng["cpu"])
-        if rng.get("cuda") is not None and self.dist.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.dist.device)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Files of a run
-
-
-def save_checkpoint(path: Path, state: dict[str, Any], fingerprint: str, parts: dict[str, Any]) -> None:
-    """Atomically replace the run's checkpoint."""
-    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "fingerprint": fingerprint,
-               "fingerprint_parts": json.dumps(parts, sort_keys=True), **state}  # fmt: skip
-    handle = AtomicFile(path, overwrite=True)
-    try:
-        torch.save(payload, handle.file)
-        handle.commit()
-    finally:
-        if not handle.committed:
-            handle.discard()
-
-
-def load_checkpoint(path: Path, fingerprint: str, parts: dict[str, Any]) -> dict[str, Any]:
-    """The run's checkpoint, refused (RunError naming what differs) when it belongs to another run."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a damaged or foreign file
-        raise RunError(f"{path}: not a readable distillation checkpoint ({str(exc).splitlines()[0]})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise RunError(f"{path}: not a tmconvert distillation checkpoint")
-    if state["fingerprint"] != fingerprint:
-        theirs = json.loads(state.get("fingerprint_parts", "{}"))
-        differ = sorted(k for k in set(parts) | set(theirs) if parts.get(k) != theirs.get(k))
-        raise RunError(
-            f"{path}: belongs to another run (fingerprint {state['fingerprint']}, this run {fingerprint}; "
-            f"differs in: {', '.join(differ) or 'unknown'}); use another --out or --force to start over"
-        )
-    return state
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    handle = AtomicFile(path, overwrite=True)
-    try:
-        handle.file.write(text.encode())
-        handle.commit()
-    finally:
-        if not handle.committed:
-            handle.discard()
-
-
-class MetricsLog:
-    """`metrics.jsonl`: one JSON object per logged step; a resumed run first drops lines past its checkpoint."""
-
-    def __init__(self, path: Path, *, enabled: bool, resume_step: int | None):
-        self.path, self.enabled = path, enabled
-        self.last: dict[str, Any] = {}  # the latest step record (the run's final numbers when it ends)
-        if not enabled:
-            return
-        kept = ""
-        if resume_step is not None and path.exists():
-            for line in path.read_text().splitlines(keepends=True):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by the kill
-                if line.endswith("\n") and "event" not in record and record.get("step", 0) <= resume_step:
-                    kept += line
-                    self.last = record
-        write_text_atomic(path, kept)
-
-    def append(self, record: dict[str, Any]) -> None:
-        if "event" not in record:
-            self.last = record
-        if self.enabled:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def _metadata_value(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
-def student_metadata(prepared: PreparedRun, step: int, final: dict[str, Any]) -> dict[str, str]:
-    """The input student's metadata (layer plan, index sets, mapping, source, ...) plus what distillation did.
-
-    Timings stay in metrics.jsonl only, so the same run always writes the same bytes."""
-    cfg = prepared.student_config
-    base = {k: v for k, v in prepared.student_metadata.items() if k != "distill"}
-    base.update({
-        "format": "tmconvert",
-        "tmconvert_version": __version__,
-        "family": "vim",
-        "target": base.get("target", prepared.student_origin),
-        "target_config": config_json(cfg),
-        "input": prepared.input_spec.to_json(),
-    })
-    base.setdefault("layer_plan", [{"layer": j, "block": None} for j in range(cfg.depth)])
-    base["distill"] = {
-        "teacher": prepared.request.teacher.name,
-        "teacher_sha256": prepared.fingerprint_parts["teacher_sha256"],
-        "student": prepared.student_origin,
-        "data": prepared.source.identity(),
-        "recipe": prepared.recipe.to_json(),
-        "pairs": [list(p) for p in prepared.pairs],
-        "steps": step,
-        "fingerprint": prepared.fingerprint,
-        "final": {k: v for k, v in final.items() if k not in TIMING_FIELDS},
-    }
-    return {k: _metadata_value(v) for k, v in sorted(base.items())}
-
-
-def write_student(paths: RunPaths, student: VisionMamba, cfg: VimConfig, metadata: dict[str, str]) -> None:
-    """The distilled student (fp32, the target's key order; no projectors) and its sidecar, atomically, then a
-    strict reload check."""
-    order = list(state_dict_shapes(cfg))
-    state = student.state_dict()
-    tensors = [(name, state[name].detach().float().cpu().contiguous()) for name in order]
-    specs = [TensorSpec(name, tuple(t.shape), "float32") for name, t in tensors]
-    sidecar = {}
-    for key, value in metadata.items():
-        try:
-            sidecar[key] = json.loads(value) if value[:1] in "{[" else value
-        except json.JSONDecodeError:
-            sidecar[key] = value
-    with atomic_files([paths.student, paths.sidecar], overwrite=True) as files:
-        write_safetensors_stream(files[paths.student].file, specs, iter(tensors), metadata)
-        write_json(files[paths.sidecar].file, sidecar)
-    _, reloaded, _ = load_converted(paths.student)
-    VisionMamba(cfg, device="meta").load_state_dict(reloaded, strict=True, assign=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The run
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 Each op is a pure function of one tensor and concrete arguments, and works the same on `meta` tensors: `tmconvert
 check` and `--dry-run` propagate shapes by running exactly these functions on meta tensors, so a shape that checks
-is a shape that converts. `OPS` is the registry the mapping schema validates against; an op's YAML arguments are a
+is a shape that converts. Every op also declares its effect (`OpSpec`): whether a call picks a subset or changes
+values (what makes a target tensor "subcloned" rather than "inherited"), which source entries its output reads (the
+plan's usage report), and which of its arguments name index sets; the planner asks the op, never its name.
+`OPS` is the registry the mapping schema validates against; an op's YAML arguments are a
 small pydantic model whose values may be literals, references to the source / target configuration
 (``source.embed_dim``, ``target.grid``) or names of index sets, and `resolve` turns them into the concrete keyword
 arguments of the function (a plan does this once per target tensor).
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tmconvert.models.vit import resample_abs_pos_embed
+from tmconvert.models.tokens import resample_abs_pos_embed
 
 # A configuration reference: `source.<field>` or `target.<field>`; resolved against the actual configs.
 REF_PATTERN = r"^(source|target)\.[a-z_][a-z0-9_]*$"
@@ -269,28 +272,61 @@ class ScaleArgs(_Args):
         return value
 
 
+Subclones = Callable[[dict[str, Any], torch.Tensor, torch.Tensor], bool]
+
+
+def _never(_kwargs: dict[str, Any], _before: torch.Tensor, _after: torch.Tensor) -> bool:
+    return False
+
+
+def _drops_entries(_kwargs: dict[str, Any], before: torch.Tensor, after: torch.Tensor) -> bool:
+    return after.numel() < before.numel()
+
+
+def _factor_not_one(kwargs: dict[str, Any], _before: torch.Tensor, _after: torch.Tensor) -> bool:
+    return kwargs["factor"] != 1.0
+
+
+def _shape_changes(_kwargs: dict[str, Any], before: torch.Tensor, after: torch.Tensor) -> bool:
+    return tuple(after.shape) != tuple(before.shape)
+
+
 @dataclass(frozen=True)
 class OpSpec:
-    """One op of the vocabulary: its YAML arguments, its function, and how the plan classifies its effect."""
+    """One op of the vocabulary: its YAML arguments, its function, and its declared effect.
+
+    `subclones(kwargs, before, after)`: whether this call picked a strict subset of entries or changed values (the
+    plan's "subcloned" kind); a pure re-layout (transpose, a fixed Q/K/V part, moving a token) does not.
+    `reads`: which entries of its input the output is made of, for the plan's usage report: `moved` (the op's own
+    output, run on element ids, says which), `same` (every output entry is its input entry, values changed) or
+    `all` (outputs mix many inputs, e.g. resampling). `set_fields`: the arguments that name an index set.
+    """
 
     name: str
     args: type[_Args]
     fn: Callable[..., torch.Tensor]
     shorthand: str | None  # `op: value` fills this argument (e.g. `split_qkv: v`, `scale: 0.5`)
     summary: str
+    subclones: Subclones = _never
+    reads: Literal["moved", "same", "all"] = "moved"
+    set_fields: tuple[str, ...] = ()
 
 
 OPS: dict[str, OpSpec] = {
     spec.name: spec
     for spec in (
-        OpSpec("select", SelectArgs, select, None, "keep the entries of a named index set along a dim"),
+        OpSpec("select", SelectArgs, select, None, "keep the entries of a named index set along a dim",
+               subclones=_drops_entries, set_fields=("set",)),
         OpSpec("split_qkv", SplitQkvArgs, split_qkv, "part", "Q, K or V rows of a fused qkv tensor"),
         OpSpec("transpose", TransposeArgs, transpose, "dims", "swap two dims"),
         OpSpec("move_token", MoveTokenArgs, move_token, None, "move one token position (cls to the middle)"),
         OpSpec("keep_prefix", KeepPrefixArgs, keep_prefix, None, "drop trailing prefix tokens (dist)"),
-        OpSpec("resample_grid", ResampleGridArgs, resample_grid, None, "resample a position grid"),
-        OpSpec("resample_kernel", ResampleKernelArgs, resample_kernel, "size", "resample a patch kernel"),
-        OpSpec("scale", ScaleArgs, scale, "factor", "multiply by a number or sqrt(full/kept) of a set"),
+        OpSpec("resample_grid", ResampleGridArgs, resample_grid, None, "resample a position grid",
+               subclones=_shape_changes, reads="all"),
+        OpSpec("resample_kernel", ResampleKernelArgs, resample_kernel, "size", "resample a patch kernel",
+               subclones=_shape_changes, reads="all"),
+        OpSpec("scale", ScaleArgs, scale, "factor", "multiply by a number or sqrt(full/kept) of a set",
+               subclones=_factor_not_one, reads="same", set_fields=("sqrt_ratio",)),
     )
 }
 

@@ -1,23 +1,20 @@
-"""Mapping files: the declarative language that says where every target tensor comes from.
+"""The mapping language's schema: what a mapping file may say, as pydantic models.
 
-A mapping is YAML read with `yaml.safe_load` (no tags that construct objects) and validated by the pydantic models
-below; `docs/mappings.md` is the language reference and the shipped files in `mappings/` are worked examples. This
-module only knows the language: schema, loading with YAML paths and line numbers for messages, and the name patterns.
-Resolving a mapping against real architectures is `plan.py`'s job.
+A mapping says where every target tensor comes from: a source tensor and an op chain, an initialiser, or a concat of
+parts, per target-name pattern (`layers.{layer}.mixer.in_proj.weight`), in sections for inherited layers
+(`tensors`), the layers no teacher block feeds (`rest`, `identity_rest`) and every layer (`layer_defaults`).
+`docs/mappings.md` is the language reference and the shipped files in `mappings/` are worked examples. Reading files
+is `files.py`'s job, evaluating rules `interpret.py`'s, resolving them against real architectures the planner's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -29,14 +26,12 @@ from pydantic import (
     model_validator,
 )
 
-from tmconvert.converter.errors import MappingError
+from tmconvert.converter.dtypes import STORABLE
 from tmconvert.converter.mapping import ops as ops_mod
-from tmconvert.converter.yamlfile import read_yaml
 
 FORMAT_VERSION = 1
 INITIALISERS = ("default", "zeros", "ones", "conv_identity")
 SCORE_SIGNALS = ("residual", "mlp_hidden", "attn_value")
-DTYPES = ("float32", "float16", "bfloat16")
 
 _TARGET_PLACEHOLDERS = {"layer"}
 _SOURCE_PLACEHOLDERS = {"layer", "block"}
@@ -88,11 +83,9 @@ class OpCall(_Model):
         return ops_mod.OPS[self.name]
 
     def referenced_sets(self) -> list[str]:
-        for field in ("set", "sqrt_ratio"):
-            value = getattr(self.args, field, None)
-            if value is not None:
-                return [value]
-        return []
+        """The index sets this call names (the op declares which of its arguments name one)."""
+        values = (getattr(self.args, field) for field in self.spec.set_fields)
+        return [value for value in values if value is not None]
 
     def describe(self, resolve: Callable[[Any], Any] | None = None) -> str:
         """`select(dim=0, set=hidden)`; with `resolve`, config references show their values (`to=98`)."""
@@ -172,7 +165,7 @@ class Rule(_Model):
     """The production of the target tensors matching one pattern."""
 
     expr: Expr
-    dtype: Literal[DTYPES] | None = Field(None, description="stored dtype; overrides --dtype (e.g. SSM A_log)")
+    dtype: Literal[STORABLE] | None = Field(None, description="stored dtype; overrides --dtype (e.g. SSM A_log)")
     when: Guard | None = None
     otherwise: Expr | None = Field(None, description="used when `when` does not hold")
 
@@ -191,11 +184,6 @@ class Rule(_Model):
         if (self.when is None) != (self.otherwise is None):
             raise ValueError("`when` and `otherwise` go together")
         return self
-
-
-class Supports(_Model):
-    source: str
-    target: str
 
 
 class Options(_Model):
@@ -218,8 +206,11 @@ class Mapping(_Model):
     tensors: dict[str, Rule]
     rest: dict[str, Rule] = Field(default_factory=dict, description="layers no teacher block feeds")
     identity_rest: dict[str, Rule] = Field(default_factory=dict, description="overrides of `rest` (--identity-rest)")
+    layer_defaults: dict[str, Rule] = Field(
+        default_factory=dict, description="per-layer rules for every layer that `tensors` / `rest` leave unproduced"
+    )
 
-    @field_validator("tensors", "rest", "identity_rest")
+    @field_validator("tensors", "rest", "identity_rest", "layer_defaults")
     @classmethod
     def _patterns(cls, rules: dict[str, Rule]) -> dict[str, Rule]:
         for pattern in rules:
@@ -282,152 +273,3 @@ def iter_exprs(expr: Any, path: str) -> Iterator[tuple[Any, str]]:
     if isinstance(expr, ConcatExpr):
         for i, part in enumerate(expr.concat.parts):
             yield from iter_exprs(part, f"{path}.concat.parts[{i}]")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loading
-
-
-@dataclass(frozen=True)
-class LoadedMapping:
-    """A validated mapping with where it came from: file, sha256 of its bytes, and YAML path -> line."""
-
-    mapping: Mapping
-    path: Path
-    sha256: str
-    lines: dict[tuple[Any, ...], int]
-
-    @property
-    def name(self) -> str:
-        return self.mapping.name or self.path.stem
-
-    def where(self, yaml_path: str) -> str:
-        """`file:line: yaml.path` for messages (line of the deepest existing node on the path)."""
-        line = self.line_of(yaml_path)
-        return f"{self.path}:{line}: {yaml_path}" if line else f"{self.path}: {yaml_path}"
-
-    def line_of(self, yaml_path: str) -> int | None:
-        key = _parse_yaml_path(yaml_path)
-        while key:
-            if key in self.lines:
-                return self.lines[key]
-            key = key[:-1]
-        return None
-
-
-def format_yaml_path(loc: Iterable[Any]) -> str:
-    """('tensors', 'a.b', 'ops', 1) -> 'tensors.a.b.ops[1]' (pattern keys stay verbatim)."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-_SECTIONS_WITH_PATTERN_KEYS = ("tensors", "rest", "identity_rest", "index_sets")
-
-
-def _parse_yaml_path(text: str) -> tuple[Any, ...]:
-    """Inverse of `format_yaml_path` for our files: the key after a section name may itself contain dots."""
-    head, _, rest = text.partition(".")
-    if head in _SECTIONS_WITH_PATTERN_KEYS and rest:
-        # the pattern key ends where a known rule field starts
-        m = re.search(r"\.(from|ops|init|concat|dtype|when|otherwise|size|full|keep|upto|per|score)(\.|\[|$)", rest)
-        key, tail = (rest[: m.start()], rest[m.start() + 1 :]) if m else (rest, "")
-        return (head, key, *_split_simple(tail))
-    return _split_simple(text)
-
-
-def _split_simple(text: str) -> tuple[Any, ...]:
-    out: list[Any] = []
-    for token in re.finditer(r"([^.\[\]]+)|\[(\d+)\]", text):
-        out.append(int(token.group(2)) if token.group(2) is not None else token.group(1))
-    return tuple(out)
-
-
-def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Drop pydantic's internal `expr` level and union tags so a loc reads like the YAML path."""
-    out: list[Any] = []
-    previous: Any = None
-    for part in loc:
-        is_tag = part in ("from", "init", "concat") and (
-            previous in ("expr", "otherwise") or (isinstance(previous, int) and "parts" in out)
-        )
-        if part != "expr" and not is_tag:
-            out.append(part)
-        previous = part
-    return tuple(out)
-
-
-def load_mapping(path: str | Path) -> LoadedMapping:
-    """Read and validate one mapping file; every schema problem is reported in one MappingError (one per line)."""
-    doc = read_yaml(path, MappingError, "mapping")
-    path, data, raw_bytes, lines = doc.path, doc.data, doc.raw, doc.lines
-    dups = [f"{format_yaml_path(loc)} (line {line})" for loc, line in doc.duplicates]
-    loaded_partial = LoadedMapping(mapping=None, path=path, sha256="", lines=lines)  # type: ignore[arg-type]
-    problems = [f"{path}: duplicate key {d}" for d in dups]
-    if not isinstance(data, dict):
-        problems.append(f"{path}: a mapping file is a YAML mapping with `mapping: {FORMAT_VERSION}`, `tensors:`, ...")
-        raise MappingError("\n".join(problems))
-    try:
-        mapping = Mapping.model_validate(data)
-    except ValidationError as exc:
-        for err in exc.errors():
-            loc = _clean_loc(tuple(err["loc"]))
-            message = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{loaded_partial.where(format_yaml_path(loc))}: {message}")
-        raise MappingError("\n".join(problems)) from None
-    if problems:
-        raise MappingError("\n".join(problems))
-    return LoadedMapping(mapping=mapping, path=path, sha256=hashlib.sha256(raw_bytes).hexdigest(), lines=lines)
-
-
-def is_mapping_file(path: Path) -> bool:
-    """A YAML file is a mapping file when its top level has the `mapping:` version key (the folder also holds
-    other YAML, e.g. distillation recipes with `recipe:`); a file that does not parse counts, so `check` sees it."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8", errors="replace"))
-    except yaml.YAMLError:
-        return True
-    return not isinstance(data, dict) or "mapping" in data or "recipe" not in data
-
-
-def shipped_mapping_paths() -> list[Path]:
-    """The mapping files installed with tmconvert (`tmconvert/mappings/*.yaml`), sorted by name."""
-    folder = resources.files("tmconvert.mappings")
-    files = (Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml"))
-    return sorted(p for p in files if is_mapping_file(p))
-
-
-def find_mapping(name_or_path: str) -> Path:
-    """A mapping given as a file path, or by the name of a shipped mapping (file stem, e.g. `vit-vim-mlp`)."""
-    candidate = Path(name_or_path)
-    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
-        if not candidate.is_file():
-            raise MappingError(f"{candidate}: no such mapping file")
-        return candidate
-    shipped = {p.stem: p for p in shipped_mapping_paths()}
-    if name_or_path in shipped:
-        return shipped[name_or_path]
-    raise MappingError(f"unknown mapping {name_or_path!r}; shipped mappings: {', '.join(sorted(shipped))}")
-
-
-def default_mapping_for(target: str, family: str = "vim") -> Path:
-    """The shipped mapping whose `default_for` lists `target`; else the one listing `"*"` for the target family.
-
-    Exactly one file may claim a name (and one the wildcard); `tmconvert check` reports clashes.
-    """
-    named, wildcard = [], []
-    for path in shipped_mapping_paths():
-        spec = load_mapping(path).mapping
-        if target in spec.default_for:
-            named.append(path)
-        elif "*" in spec.default_for and spec.target == family:
-            wildcard.append(path)
-    owners = named or wildcard
-    if len(owners) != 1:
-        found = ", ".join(p.name for p in owners) or "none"
-        raise MappingError(f"no unique default mapping for target {target!r} (default_for in: {found}); pass --mapping")
-    return owners[0]

@@ -12,43 +12,39 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from tmconvert.converter.convert.subclone import SetRequest
-from tmconvert.converter.errors import ConfigError, MappingError
-from tmconvert.converter.mapping.ops import concat
-from tmconvert.converter.mapping.schema import (
-    ConcatExpr,
-    FromExpr,
-    InitExpr,
-    LoadedMapping,
-    OpCall,
-    Pattern,
-    Rule,
-    fill_template,
-    is_ref,
-    iter_exprs,
+from tmconvert.converter import dtypes
+from tmconvert.converter.configs import config_json
+from tmconvert.converter.mapping.errors import MappingError
+from tmconvert.converter.mapping.files import LoadedMapping
+from tmconvert.converter.mapping.interpret import (
+    EvalContext,
+    FailedIndexSetError,
+    Node,
+    OpContext,
+    Region,
+    RuleError,
+    SourceNode,
+    apply_chain,
+    bind,
+    describe,
+    evaluate,
+    node_inits,
+    node_sources,
+    walk,
 )
-from tmconvert.models.registry import family_of, get_config
-from tmconvert.models.vim import VimConfig, VisionMamba
-from tmconvert.models.vit import VisionTransformer, ViTConfig
+from tmconvert.converter.mapping.ops import OpSpec
+from tmconvert.converter.mapping.schema import Pattern, Rule
+from tmconvert.converter.plan.layers import LayerPlan, plan_layers
+from tmconvert.models import ViTConfig, family_of, state_dict_shapes
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 KINDS = ("inherited", "subcloned", "partial", "initialised")
-
-
-class PlanError(Exception):
-    """A problem at one YAML path of the mapping (internal; collected into `PlanProblem`s)."""
-
-    def __init__(self, path: str, message: str):
-        super().__init__(message)
-        self.path = path
-        self.message = message
+RULE_SECTIONS = ("tensors", "rest", "identity_rest", "layer_defaults")
 
 
 @dataclass(frozen=True)
@@ -82,334 +78,32 @@ class SourceSide:
     @classmethod
     def from_config(cls, cfg: ViTConfig) -> SourceSide:
         """The tensors a checkpoint of this config has (timm names), from a meta-device teacher."""
-        state = VisionTransformer(cfg, device="meta").state_dict()
-        return cls(cfg, {k: tuple(v.shape) for k, v in state.items()}, {k: torch.float32 for k in state})
+        shapes = state_dict_shapes(cfg)
+        return cls(cfg, shapes, {k: torch.float32 for k in shapes})
 
 
 @dataclass(frozen=True)
 class TargetSide:
     name: str  # registry name the config came from (vim-s), for messages and metadata
-    config: VimConfig
+    config: Any  # the target family's config
     shapes: dict[str, tuple[int, ...]]  # in the target's state_dict order
 
     @classmethod
-    def from_config(cls, name: str, cfg: VimConfig) -> TargetSide:
-        state = VisionMamba(cfg, device="meta").state_dict()
-        return cls(name, cfg, {k: tuple(v.shape) for k, v in state.items()})
-
-
-def derive_target_config(
-    name: str,
-    source: ViTConfig,
-    *,
-    img_size: int | None = None,
-    patch_size: int | None = None,
-    num_classes: int | None = None,
-) -> VimConfig:
-    """The registry config of `name` with the input geometry and classes of the teacher, unless overridden.
-
-    Widths, depth and SSM sizes come from the registry (that is what "vim-t" means); image size, patch size, input
-    channels and class count follow the teacher, so a 28-px Fashion-MNIST teacher gives a ViM that reads the same
-    images and predicts the same classes. A registry stride (overlapping patches) keeps its ratio to the patch.
-    """
-    base = get_config(name)
-    if family_of(base) != "vim":
-        raise ConfigError(f"{name!r} is a {family_of(base)} model, not a conversion target; targets: vim-t, vim-s, ...")
-    patch = patch_size if patch_size is not None else source.patch_size
-    stride = None if base.stride is None else max(1, base.stride * patch // base.patch_size)
-    classes = num_classes if num_classes is not None else source.num_classes
-    size = (img_size, img_size) if img_size is not None else source.img_size
-    try:
-        return dataclasses.replace(
-            base, img_size=size, patch_size=patch, stride=stride, in_chans=source.in_chans, num_classes=classes
-        )
-    except ConfigError as exc:
-        raise ConfigError(f"target {name}: {exc}") from None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Layer plan
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """Which teacher block feeds each student layer (None: not inherited, initialised by the `rest` rules)."""
-
-    blocks: tuple[int | None, ...]
-    requested: int
-    warnings: tuple[str, ...] = ()
-
-    @property
-    def inherited(self) -> int:
-        return sum(b is not None for b in self.blocks)
-
-    def used_blocks(self) -> tuple[int, ...]:
-        return tuple(sorted({b for b in self.blocks if b is not None}))
-
-
-def plan_layers(requested: int | None, teacher_depth: int, student_depth: int) -> LayerPlan:
-    """`--layers n`: student layers 0..n-1 from teacher blocks, the rest default-initialised.
-
-    n <= teacher depth: student j <- teacher j. n > teacher depth: spread evenly, student j <- teacher
-    floor(j * T / n) (each block feeds n/T consecutive layers). n > student depth is clamped with a warning.
-    Default n = min(teacher depth, student depth).
-    """
-    if requested is None:
-        requested = min(teacher_depth, student_depth)
-    if requested <= 0:
-        raise ConfigError(f"--layers must be at least 1, got {requested}")
-    warnings: list[str] = []
-    n = requested
-    if n > student_depth:
-        warnings.append(f"--layers {n} exceeds the student's {student_depth} layers; using {student_depth}")
-        n = student_depth
-    feeds = list(range(n)) if n <= teacher_depth else [j * teacher_depth // n for j in range(n)]
-    return LayerPlan(tuple(feeds) + (None,) * (student_depth - n), requested, tuple(warnings))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Bound expressions (placeholders filled; what the engine evaluates)
-
-
-@dataclass(frozen=True)
-class SourceNode:
-    name: str
-    ops: tuple[OpCall, ...]
-    path: str
-    size: Any = None
-
-
-@dataclass(frozen=True)
-class InitNode:
-    init: str
-    path: str
-    size: Any = None
-
-
-@dataclass(frozen=True)
-class ConcatNode:
-    dim: int
-    parts: tuple[Node, ...]
-    path: str
-    size: Any = None
-
-
-Node = SourceNode | InitNode | ConcatNode
-
-
-def describe(node: Node, resolve: Callable[[Any], Any] | None = None) -> str:
-    """One-line human form: `blocks.0.mlp.fc1.weight | select(dim=0, set=hidden) | ...`, `init:default`, `cat0[...]`.
-
-    With `resolve`, config references in op arguments show their values.
-    """
-    if isinstance(node, SourceNode):
-        return " | ".join([node.name, *(op.describe(resolve) for op in node.ops)])
-    if isinstance(node, InitNode):
-        return f"init:{node.init}"
-    return f"cat{node.dim}[" + " ; ".join(describe(p, resolve) for p in node.parts) + "]"
-
-
-def node_sources(node: Node) -> list[str]:
-    if isinstance(node, SourceNode):
-        return [node.name]
-    if isinstance(node, ConcatNode):
-        return [s for p in node.parts for s in node_sources(p)]
-    return []
-
-
-def node_inits(node: Node) -> list[str]:
-    if isinstance(node, InitNode):
-        return [node.init]
-    if isinstance(node, ConcatNode):
-        return [s for p in node.parts for s in node_inits(p)]
-    return []
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation: one function for meta shape propagation (plan, check) and real conversion (engine)
+    def from_config(cls, name: str, cfg: Any) -> TargetSide:
+        return cls(name, cfg, state_dict_shapes(cfg))
 
 
 @dataclass(frozen=True)
 class IndexSetPlan:
+    """An index set resolved for this pair: `keep` of `full` entries, ranked by the teacher signal `score`, chosen
+    once for the model (`blocks` = (None,)) or once per teacher block the layer plan uses."""
+
     name: str
     full: int
     keep: int
     per: str
-    score: str
-    blocks: tuple[int | None, ...]  # blocks a selection is needed for; (None,) for model-wide sets
-
-    def request(self) -> SetRequest:
-        return SetRequest(self.name, self.score, self.full, self.keep, self.blocks)
-
-
-class FailedIndexSetError(Exception):
-    """A rule uses an index set whose own declaration is already reported as a problem: nothing new to report.
-
-    Not a ValueError, so it passes the op-level handlers that turn ValueErrors into problems at the op's path."""
-
-
-class OpContext:
-    """`ops.ResolveContext` for one target tensor: config references, and index sets at the tensor's block."""
-
-    def __init__(self, configs: dict[str, Any], sets: dict[str, IndexSetPlan], selection: Any, block: int | None,
-                 failed: frozenset[str] = frozenset()):  # fmt: skip
-        self.configs = configs
-        self.sets = sets
-        self.selection = selection
-        self.block = block
-        self.failed = failed
-
-    def ref(self, value: Any) -> Any:
-        if not is_ref(value):
-            return value
-        side, attr = value.split(".", 1)
-        config = self.configs[side]
-        if not hasattr(config, attr):
-            raise ValueError(f"{value}: {type(config).__name__} has no field {attr!r}")
-        resolved = getattr(config, attr)
-        if resolved is None:
-            raise ValueError(f"{value} is not set for this {side} ({type(config).__name__}.{attr} is None)")
-        return resolved
-
-    def _set(self, name: str) -> IndexSetPlan:
-        if name in self.failed:
-            raise FailedIndexSetError(name)
-        if name not in self.sets:
-            known = ", ".join(self.sets) or "none declared"
-            raise ValueError(f"unknown index set {name!r} (index_sets: {known})")
-        return self.sets[name]
-
-    def index(self, set_name: str) -> torch.Tensor:
-        spec = self._set(set_name)
-        if spec.per == "block" and self.block is None:
-            raise ValueError(f"index set {set_name!r} is chosen per teacher block, but this rule has no block")
-        return self.selection(set_name, self.block if spec.per == "block" else None)
-
-    def set_full(self, set_name: str) -> int:
-        return self._set(set_name).full
-
-    def set_ratio(self, set_name: str) -> float:
-        spec = self._set(set_name)
-        return spec.full / spec.keep
-
-
-@dataclass
-class EvalContext:
-    """How leaves become tensors: `load(name)` a source tensor (fp32), `init(kind, name)` a whole default tensor."""
-
-    load: Callable[[str], torch.Tensor]
-    default: Callable[[str], torch.Tensor]
-    ops: OpContext
-    meta: bool
-
-
-@dataclass(frozen=True)
-class Region:
-    """The part of a target tensor an expression fills: its name and the (dim, start, length) narrowings."""
-
-    target: str
-    shape: tuple[int, ...]
-    narrowing: tuple[tuple[int, int, int], ...] = ()
-    full_shape: tuple[int, ...] | None = None  # the whole target tensor's shape (None: `shape` is the whole)
-
-    def narrow(self, dim: int, start: int, length: int) -> Region:
-        shape = list(self.shape)
-        shape[dim] = length
-        return Region(self.target, tuple(shape), (*self.narrowing, (dim, start, length)), self.full_shape or self.shape)
-
-
-def initial_tensor(init: str, shape: tuple[int, ...], *, meta: bool) -> torch.Tensor:
-    """A whole target tensor from a constant initialiser (`default` comes from the target model instead)."""
-    device = "meta" if meta else "cpu"
-    if init == "conv_identity":
-        if len(shape) < 2:
-            raise ValueError(f"conv_identity needs a conv kernel (out, in, taps...), got shape {shape}")
-        tensor = torch.zeros(shape, device=device)
-        tensor[..., -1] = 1.0
-        return tensor
-    return torch.full(shape, {"zeros": 0.0, "ones": 1.0}[init], device=device)
-
-
-def _resolve_size(node: Node, ctx: EvalContext) -> int | None:
-    if node.size is None:
-        return None
-    try:
-        value = ctx.ops.ref(node.size)
-    except ValueError as exc:
-        raise PlanError(f"{node.path}.size", str(exc)) from None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise PlanError(f"{node.path}.size", f"size must be a non-negative integer, got {value!r}")
-    return value
-
-
-def evaluate(node: Node, ctx: EvalContext, region: Region) -> torch.Tensor:
-    """The tensor an expression produces for `region` (float32; on meta when `ctx.meta`)."""
-    if isinstance(node, SourceNode):
-        tensor = ctx.load(node.name)
-        for i, op in enumerate(node.ops):
-            path = f"{node.path}.ops[{i}]"
-            try:
-                tensor = op.spec.fn(tensor, **op.args.resolve(ctx.ops))
-            except (ValueError, RuntimeError, IndexError, ConfigError) as exc:
-                shape = tuple(tensor.shape)
-                raise PlanError(path, f"{op.name} on {node.name} {shape}: {exc}") from None
-        return tensor
-    if isinstance(node, InitNode):
-        whole = region.full_shape or region.shape
-        if node.init == "default":
-            tensor = torch.empty(whole, device="meta") if ctx.meta else ctx.default(region.target).float()
-        else:
-            try:
-                tensor = initial_tensor(node.init, whole, meta=ctx.meta)
-            except ValueError as exc:
-                raise PlanError(f"{node.path}.init", str(exc)) from None
-        for dim, start, length in region.narrowing:
-            tensor = tensor.narrow(dim, start, length)
-        return tensor
-    return _evaluate_concat(node, ctx, region)
-
-
-def _evaluate_concat(node: ConcatNode, ctx: EvalContext, region: Region) -> torch.Tensor:
-    ndim = len(region.shape)
-    if not -ndim <= node.dim < ndim:
-        raise PlanError(f"{node.path}.concat.dim", f"dim {node.dim} out of range for a {ndim}-d target")
-    dim = node.dim % ndim
-    sizes: list[int | None] = []
-    evaluated: dict[int, torch.Tensor] = {}
-    for i, part in enumerate(node.parts):
-        declared = _resolve_size(part, ctx)
-        if isinstance(part, SourceNode):
-            tensor = evaluate(part, ctx, region)
-            if tensor.dim() != ndim:
-                raise PlanError(part.path, f"{part.name} gives a {tensor.dim()}-d tensor, the concat is {ndim}-d")
-            if declared is not None and tensor.shape[dim] != declared:
-                raise PlanError(f"{part.path}.size", f"declared size {declared}, produced {tensor.shape[dim]}")
-            evaluated[i] = tensor
-            sizes.append(tensor.shape[dim])
-        else:
-            sizes.append(declared)
-    unknown = [i for i, s in enumerate(sizes) if s is None]
-    known = sum(s for s in sizes if s is not None)
-    if len(unknown) > 1:
-        raise PlanError(f"{node.path}.concat", "at most one part may omit `size` (it fills the remainder)")
-    if unknown:
-        fill = region.shape[dim] - known
-        if fill < 0:
-            raise PlanError(
-                f"{node.path}.concat",
-                f"parts already give {known} along dim {dim}, more than the {region.shape[dim]} of {region.target}",
-            )
-        sizes[unknown[0]] = fill
-    pieces, offset = [], 0
-    for i, part in enumerate(node.parts):
-        size = sizes[i]
-        pieces.append(evaluated[i] if i in evaluated else evaluate(part, ctx, region.narrow(dim, offset, size)))
-        offset += size
-    try:
-        return concat(pieces, dim=dim)
-    except RuntimeError:
-        shapes = ", ".join(str(tuple(p.shape)) for p in pieces)
-        raise PlanError(f"{node.path}.concat", f"parts {shapes} do not fit together along dim {dim}") from None
+    score: str  # residual | mlp_hidden | attn_value
+    blocks: tuple[int | None, ...]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -437,7 +131,7 @@ class PlanEntry:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+        return math.prod(self.shape) * dtypes.storable(self.dtype).itemsize
 
 
 @dataclass
@@ -478,7 +172,7 @@ class Plan:
 
     def write_order(self) -> list[PlanEntry]:
         """Tensors in the order their bytes are written: wider dtypes first (keeps every offset aligned)."""
-        return sorted(self.entries, key=lambda e: -DTYPES[e.dtype].itemsize)
+        return sorted(self.entries, key=lambda e: -dtypes.storable(e.dtype).itemsize)
 
     @property
     def output_bytes(self) -> int:
@@ -500,25 +194,19 @@ class Plan:
     def source_usage(self) -> dict[str, float]:
         """Source tensors only partly read (Q/K rows of qkv, unselected channels): name -> fraction of entries used.
 
-        Runs each op chain on a tensor of element ids (the plan's placeholder index sets keep as many entries as
-        the real ones); value-changing ops (scale) keep ids, resampling counts every entry as used.
+        Traces each op chain on a tensor of element ids (`apply_chain(trace=True)`; the plan's placeholder index
+        sets keep as many entries as the real ones).
         """
         configs = {"source": self.source.config, "target": self.target.config}
         masks: dict[str, torch.Tensor] = {}
         for entry in self.entries:
             ops_ctx = OpContext(configs, self.index_sets, _placeholder_selection(self.index_sets), entry.block)
-            for node, _ in _walk(entry.node):
+            for node, _ in walk(entry.node):
                 if not isinstance(node, SourceNode):
                     continue
                 shape = self.source.shapes[node.name]
                 ids = torch.arange(math.prod(shape)).reshape(shape)
-                used = ids
-                for op in node.ops:
-                    if op.name.startswith("resample"):
-                        used = ids
-                        break
-                    if op.name != "scale":
-                        used = op.spec.fn(used, **op.args.resolve(ops_ctx))
+                used = apply_chain(node, ids, ops_ctx, trace=True)
                 mask = masks.setdefault(node.name, torch.zeros(ids.numel(), dtype=torch.bool))
                 mask[used.reshape(-1)] = True
         return {name: mask.float().mean().item() for name, mask in masks.items() if not bool(mask.all())}
@@ -526,8 +214,12 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return {
             "mapping": {"name": self.mapping.name, "path": str(self.mapping.path), "sha256": self.mapping.sha256},
-            "source": {"family": "vit", "config": config_json(self.source.config)},
-            "target": {"name": self.target.name, "family": "vim", "config": config_json(self.target.config)},
+            "source": {"family": family_of(self.source.config), "config": config_json(self.source.config)},
+            "target": {
+                "name": self.target.name,
+                "family": family_of(self.target.config),
+                "config": config_json(self.target.config),
+            },
             "options": self.options,
             "layers": [{"layer": j, "block": b} for j, b in enumerate(self.layers.blocks)],
             "index_sets": {
@@ -556,19 +248,6 @@ class Plan:
             "warnings": self.warnings,
             "unused_rules": self.unused_rules,
         }
-
-
-def config_json(cfg: Any) -> dict[str, Any]:
-    """A config dataclass as plain JSON values (tuples -> lists)."""
-    return json_safe(dataclasses.asdict(cfg))
-
-
-def json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 class _Problems:
@@ -640,52 +319,24 @@ def _norm(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _bind(expr: Any, path: str, binding: dict[str, int]) -> Node:
-    if isinstance(expr, FromExpr):
-        try:
-            name = fill_template(expr.source, binding)
-        except KeyError as exc:
-            where = "a rule outside per-layer patterns" if "layer" not in binding else "a layer no teacher block feeds"
-            raise PlanError(f"{path}.from", f"placeholder {{{exc.args[0]}}} has no value in {where}") from None
-        return SourceNode(name, tuple(expr.ops), path, expr.size)
-    if isinstance(expr, InitExpr):
-        return InitNode(expr.init, path, expr.size)
-    assert isinstance(expr, ConcatExpr)
-    parts = tuple(_bind(p, f"{path}.concat.parts[{i}]", binding) for i, p in enumerate(expr.concat.parts))
-    return ConcatNode(expr.concat.dim, parts, path, expr.size)
-
-
 def _classify(node: Node, ctx: EvalContext) -> str:
     """inherited: every value copied from the source (possibly re-laid out); subcloned: some op picked a subset or
-    changed values; initialised: no source at all; partial: both source and initialiser parts."""
+    changed values (each op says when it does); initialised: no source at all; partial: both source and init."""
     has_source = bool(node_sources(node))
     has_init = bool(node_inits(node))
     if has_source and has_init:
         return "partial"
     if not has_source:
         return "initialised"
-    return "subcloned" if _changes_values(node, ctx) else "inherited"
+    verdicts: list[bool] = []
 
+    def judge(spec: OpSpec, kwargs: dict[str, Any], before: torch.Tensor, after: torch.Tensor) -> None:
+        verdicts.append(spec.subclones(kwargs, before, after))
 
-def _changes_values(node: Node, ctx: EvalContext) -> bool:
-    """Whether some op of the expression picks a strict subset, rescales or resamples (runs the chain on meta)."""
-    if isinstance(node, ConcatNode):
-        return any(_changes_values(p, ctx) for p in node.parts)
-    if not isinstance(node, SourceNode):
-        return False
-    tensor = ctx.load(node.name)
-    changed = False
-    for op in node.ops:
-        kwargs = op.args.resolve(ctx.ops)
-        out = op.spec.fn(tensor, **kwargs)
-        if op.name == "select":
-            changed |= kwargs["index"].numel() != kwargs["full"]
-        elif op.name == "scale":
-            changed |= kwargs["factor"] != 1.0
-        elif op.name in ("resample_grid", "resample_kernel"):
-            changed |= tuple(out.shape) != tuple(tensor.shape)
-        tensor = out
-    return changed
+    for leaf, _ in walk(node):
+        if isinstance(leaf, SourceNode):
+            apply_chain(leaf, ctx.load(leaf.name), ctx.ops, observe=judge)
+    return "subcloned" if any(verdicts) else "inherited"
 
 
 _LAYER_NUMBER = re.compile(r"(?<=\.)\d+(?=\.)")
@@ -706,9 +357,7 @@ def build_plan(
     Problems are collected into `plan.problems` (check reports them; conversion raises `MappingError`).
     """
     spec = mapping.mapping
-    dtype = DTYPE_ALIASES.get(dtype, dtype)
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype}: choose one of fp32, fp16, bf16")
+    dtype = dtypes.storable(dtype).name
     if identity_rest is None:
         identity_rest = spec.options.identity_rest
     source_family, target_family = family_of(source.config), family_of(target.config)
@@ -723,17 +372,11 @@ def build_plan(
     for problem in _check_requires(mapping, configs):
         problems.add(problem.path, problem.message)
     index_sets, failed_sets = _resolve_index_sets(mapping, configs, layer_plan, problems)
-
-    placeholder = _placeholder_selection(index_sets)
-
-    def meta_load(name: str) -> torch.Tensor:
-        if name not in source.shapes:
-            raise KeyError(name)
-        return torch.empty(source.shapes[name], device="meta")
+    planner = _Planner(configs, index_sets, failed_sets, source, dtype, problems)
 
     sections = {
         section: [(Pattern(p), f"{section}.{p}", rule) for p, rule in getattr(spec, section).items()]
-        for section in ("tensors", "rest", "identity_rest")
+        for section in RULE_SECTIONS
     }
     matched_rules: set[str] = set()
     entries: list[PlanEntry] = []
@@ -751,6 +394,8 @@ def build_plan(
                                      else found["rest"])  # fmt: skip
         else:
             candidates = found["tensors"]
+        if not candidates and layer is not None:
+            candidates = found["layer_defaults"]  # what every layer gets unless its section says otherwise
         if not candidates:
             section = "rest" if is_rest else "tensors"
             generic = _LAYER_NUMBER.sub("{layer}", name) if layer is not None else name
@@ -763,9 +408,7 @@ def build_plan(
             continue
         rule_path, rule, _ = candidates[0]
         block = layer_plan.blocks[layer] if layer is not None else None
-        binding = {k: v for k, v in (("layer", layer), ("block", block)) if v is not None}
-        entry = _plan_entry(name, shape, rule, rule_path, binding, layer, block, configs, index_sets, failed_sets,
-                            placeholder, meta_load, dtype, source, problems)  # fmt: skip
+        entry = planner.entry(name, shape, rule, rule_path, layer, block)
         if entry is not None:
             entries.append(entry)
             used_sources.update(entry.sources)
@@ -776,7 +419,7 @@ def build_plan(
     unused = [path for rules in sections.values() for _, path, _ in rules if path not in matched_rules]
     if not identity_rest:
         unused = [p for p in unused if not p.startswith("identity_rest.")]
-    plan = Plan(
+    return Plan(
         mapping=mapping,
         source=source,
         target=target,
@@ -789,104 +432,66 @@ def build_plan(
         warnings=list(layer_plan.warnings),
         unused_rules=unused,
     )
-    return plan
 
 
-def _plan_entry(
-    name: str,
-    shape: tuple[int, ...],
-    rule: Rule,
-    rule_path: str,
-    binding: dict[str, int],
-    layer: int | None,
-    block: int | None,
-    configs: dict[str, Any],
-    index_sets: dict[str, IndexSetPlan],
-    failed_sets: frozenset[str],
-    placeholder: Callable[[str, int | None], torch.Tensor],
-    meta_load: Callable[[str], torch.Tensor],
-    dtype: str,
-    source: SourceSide,
-    problems: _Problems,
-) -> PlanEntry | None:
-    ops = OpContext(configs, index_sets, placeholder, block, failed_sets)
-    ctx = EvalContext(meta_load, lambda _n: torch.empty(0), ops, True)
-    expr, expr_path, note = rule.expr, rule_path, ""
-    if rule.when is not None:
+class _Planner:
+    """Binds one rule to one target tensor and checks it on meta tensors; what every entry of a plan shares."""
+
+    def __init__(
+        self,
+        configs: dict[str, Any],
+        index_sets: dict[str, IndexSetPlan],
+        failed_sets: frozenset[str],
+        source: SourceSide,
+        dtype: str,
+        problems: _Problems,
+    ):
+        self.configs, self.index_sets, self.failed_sets = configs, index_sets, failed_sets
+        self.source, self.dtype, self.problems = source, dtype, problems
+        self.placeholder = _placeholder_selection(index_sets)
+
+    def _meta_load(self, name: str) -> torch.Tensor:
+        if name not in self.source.shapes:
+            raise KeyError(name)
+        return torch.empty(self.source.shapes[name], device="meta")
+
+    def entry(
+        self, name: str, shape: tuple[int, ...], rule: Rule, rule_path: str, layer: int | None, block: int | None
+    ) -> PlanEntry | None:
+        """The plan entry for target `name` made by `rule` (None, with the problem recorded, when it fails)."""
+        ops = OpContext(self.configs, self.index_sets, self.placeholder, block, self.failed_sets)
+        ctx = EvalContext(self._meta_load, lambda _n: torch.empty(0), ops, True)
+        expr, expr_path, note = rule.expr, rule_path, ""
+        if rule.when is not None:
+            try:
+                a, b = (ctx.ops.ref(v) for v in rule.when.if_equal)
+            except ValueError as exc:
+                self.problems.add(f"{rule_path}.when", str(exc))
+                return None
+            if _norm(a) != _norm(b):
+                expr, expr_path = rule.otherwise, f"{rule_path}.otherwise"
+                note = f"otherwise: {rule.when.if_equal[0]}={a!r} != {rule.when.if_equal[1]}={b!r}"
+        binding = {k: v for k, v in (("layer", layer), ("block", block)) if v is not None}
         try:
-            a, b = (ctx.ops.ref(v) for v in rule.when.if_equal)
-        except ValueError as exc:
-            problems.add(f"{rule_path}.when", str(exc))
+            node = bind(expr, expr_path, binding)
+            for leaf in node_sources(node):
+                if leaf not in self.source.shapes:
+                    leaf_path = next(n.path for n, _ in walk(node) if isinstance(n, SourceNode) and n.name == leaf)
+                    raise RuleError(f"{leaf_path}.from", f"source tensor {leaf} does not exist in this checkpoint")
+            produced = evaluate(node, ctx, Region(name, shape))
+            if tuple(produced.shape) != tuple(shape):
+                raise RuleError(expr_path, f"produces {tuple(produced.shape)} but target {name} is {tuple(shape)}")
+            kind = _classify(node, ctx)
+        except RuleError as exc:
+            self.problems.add(exc.path, exc.message)
             return None
-        if _norm(a) != _norm(b):
-            expr, expr_path = rule.otherwise, f"{rule_path}.otherwise"
-            note = f"otherwise: {rule.when.if_equal[0]}={a!r} != {rule.when.if_equal[1]}={b!r}"
-    try:
-        node = _bind(expr, expr_path, binding)
-        for leaf in node_sources(node):
-            if leaf not in source.shapes:
-                leaf_path = next(n.path for n, _ in _walk(node) if isinstance(n, SourceNode) and n.name == leaf)
-                raise PlanError(f"{leaf_path}.from", f"source tensor {leaf} does not exist in this checkpoint")
-        produced = evaluate(node, ctx, Region(name, shape))
-        if tuple(produced.shape) != tuple(shape):
-            raise PlanError(expr_path, f"produces {tuple(produced.shape)} but target {name} is {tuple(shape)}")
-        kind = _classify(node, ctx)
-    except PlanError as exc:
-        problems.add(exc.path, exc.message)
-        return None
-    except FailedIndexSetError:
-        return None
-    expr_text = describe(node, ctx.ops.ref)
-    return PlanEntry(name, tuple(shape), rule.dtype or dtype, kind, rule_path, node, layer, block, expr_text, note)
+        except FailedIndexSetError:
+            return None
+        expr_text = describe(node, ctx.ops.ref)
+        return PlanEntry(name, tuple(shape), rule.dtype or self.dtype, kind, rule_path, node, layer, block, expr_text,
+                         note)  # fmt: skip
 
 
 def _placeholder_selection(index_sets: dict[str, IndexSetPlan]) -> Callable[[str, int | None], torch.Tensor]:
     """Index sets before scoring: the first `keep` entries (right counts, for shapes and usage)."""
     return lambda set_name, _block: torch.arange(index_sets[set_name].keep, dtype=torch.long)
-
-
-def _walk(node: Node) -> list[tuple[Node, str]]:
-    out = [(node, node.path)]
-    if isinstance(node, ConcatNode):
-        for p in node.parts:
-            out.extend(_walk(p))
-    return out
-
-
-def referenced_sets(mapping: LoadedMapping) -> dict[str, list[str]]:
-    """Index set name -> YAML paths of the ops that use it (for `check`'s unused / unknown set reports)."""
-    out: dict[str, list[str]] = {}
-    for section in ("tensors", "rest", "identity_rest"):
-        for pattern, rule in getattr(mapping.mapping, section).items():
-            roots = [(rule.expr, f"{section}.{pattern}")]
-            if rule.otherwise is not None:
-                roots.append((rule.otherwise, f"{section}.{pattern}.otherwise"))
-            for root, root_path in roots:
-                for expr, path in iter_exprs(root, root_path):
-                    if isinstance(expr, FromExpr):
-                        for i, op in enumerate(expr.ops):
-                            for name in op.referenced_sets():
-                                out.setdefault(name, []).append(f"{path}.ops[{i}]")
-    return out
-
-
-def plan_for_names(
-    mapping: LoadedMapping,
-    source_name: str,
-    target_name: str,
-    *,
-    layers: int | None = None,
-    identity_rest: bool | None = None,
-    distilled: bool = False,
-) -> Plan:
-    """A plan between two registry configs (what `check` verifies), with no checkpoint."""
-    source_cfg = get_config(source_name)
-    if distilled:
-        source_cfg = dataclasses.replace(source_cfg, distilled=True)
-    target = TargetSide.from_config(target_name, derive_target_config(target_name, source_cfg))
-    return build_plan(mapping, SourceSide.from_config(source_cfg), target, layers=layers, identity_rest=identity_rest)
-
-
-def registry_pairs(sources: Sequence[str] = ("deit-t", "deit-s", "deit-b"),
-                   targets: Sequence[str] = ("vim-t", "vim-s", "vim-b")) -> list[tuple[str, str]]:  # fmt: skip
-    return [(s, t) for s in sources for t in targets]

@@ -18,13 +18,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tmconvert.converter.checkpoint.reader import Checkpoint
-from tmconvert.converter.convert.subclone import build_teacher, calibration_batches
+from tmconvert.converter.checkpoint import Checkpoint
+from tmconvert.converter.data.calibration import calibration_batches
 from tmconvert.converter.errors import TmconvertError
-from tmconvert.converter.modelfile.output import load_converted
+from tmconvert.converter.modelfile.converted import load_converted
 from tmconvert.kernels import available_backends, use_backend
-from tmconvert.models.vim import MambaOutput, VisionMamba
-from tmconvert.models.vit import ViTConfig
+from tmconvert.models import MambaOutput, ViTConfig, build_model
 
 # Relative L2 error allowed between a backend and `reference` on fp32 logits and final tokens.
 BACKEND_TOLERANCE = 1e-4
@@ -68,7 +67,7 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def _forward(model: VisionMamba, images: torch.Tensor, backend: str) -> MambaOutput:
+def _forward(model: torch.nn.Module, images: torch.Tensor, backend: str) -> MambaOutput:
     with use_backend(backend), torch.no_grad():
         return model.forward_all(images)
 
@@ -88,7 +87,7 @@ def verify_converted(
     path = Path(path)
     cfg, state, metadata = load_converted(path)
     device = torch.device(device)
-    student = VisionMamba(cfg, device="meta")
+    student = build_model(cfg, device="meta")
     student.load_state_dict(state, strict=True, assign=True)
     student = student.float().to(device).eval()
 
@@ -123,7 +122,7 @@ def verify_converted(
 
     if teacher is None:
         return report
-    vit = build_teacher(teacher.config, teacher.get, teacher.names()).float().to(device).eval()
+    vit = teacher.model().to(device).eval()
     with torch.no_grad():
         tout = vit.forward_all(images)
     teacher_grid = (cfg.img_size[0] // teacher.config.patch_size, cfg.img_size[1] // teacher.config.patch_size)

@@ -1,0 +1,29 @@
+"""Tables more than one command prints (the verification report: `verify`, and `convert` after writing)."""
+
+from __future__ import annotations
+
+from rich.markup import escape
+from rich.table import Table
+
+from tmconvert.converter.verify.numeric import VerifyReport
+
+
+def report_table(report: VerifyReport) -> Table:
+    """The verification report as one rich table."""
+    table = Table(title=f"verification of {escape(report.path)} on {report.images} images", title_justify="left")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_row("finite outputs", "yes" if report.finite else "[red]NO[/]")
+    for name, err in report.backends.items():
+        table.add_row(f"backend {name}", "reference" if err == 0.0 else f"rel. error {err:.2e} vs reference")
+    if report.layers:
+        cells = [f"{s.layer}←{s.block if s.block is not None else '·'} {s.cosine:.3f}" for s in report.layers]
+        rows = [", ".join(cells[i:i + 6]) for i in range(0, len(cells), 6)]
+        table.add_row("layer cosine\n(student←teacher block)", "\n".join(rows))
+    if report.final_cosine is not None:
+        table.add_row("final features cosine", f"{report.final_cosine:.3f}")
+    if report.top1_agreement is not None:
+        table.add_row("top-1 agreement", f"{100 * report.top1_agreement:.1f} %")
+    for problem in report.problems:
+        table.add_row("[red]problem[/]", escape(problem))
+    return table

@@ -1,0 +1,200 @@
+"""Where images come from (`open_source`): a folder in ImageFolder layout (one subfolder per class, images anywhere
+below it, classes sorted by folder name) gives labelled images, a flat folder unlabelled ones (pure distillation: no
+task loss); `fashion-mnist` or `fashion-mnist:ROOT` reads the IDX files (train or test); `synthetic:N` gives N seeded
+random images with random labels, which exercises every code path and teaches nothing. Any of them followed by
+`[START:STOP]` takes those images only.
+
+Every source hands out PIL images. Unreadable images stop the run with the file's name (`DatasetError`) instead of
+being skipped: a data set that silently shrinks changes what a run measures, and a broken file only has to be fixed
+once.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from tmconvert.converter.data.errors import DatasetError
+from tmconvert.converter.data.fashion_mnist import load_fashion_mnist
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+SPLITS = ("train", "test")
+
+
+class ImageSource(Protocol):
+    """Indexable images with optional labels; `classes` is None for unlabelled data."""
+
+    classes: tuple[str, ...] | None
+
+    def __len__(self) -> int: ...
+
+    def image(self, index: int) -> Image.Image: ...
+
+    def label(self, index: int) -> int: ...  # -1 when unlabelled
+
+    def identity(self) -> dict[str, Any]: ...  # what the run record and resume fingerprint say about the data
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _images_below(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if _is_image(p) and not any(s.startswith(".") for s in p.parts[-2:]))
+
+
+class FolderSource:
+    """ImageFolder layout (class subfolders) or a flat folder of unlabelled images."""
+
+    def __init__(self, root: Path):
+        if not root.exists():
+            raise DatasetError(f"{root}: no such data folder")
+        if not root.is_dir():
+            raise DatasetError(f"{root}: not a folder (expected class subfolders or a folder of images)")
+        entries = sorted(root.iterdir())
+        loose = [p for p in entries if _is_image(p)]
+        per_class = {d.name: _images_below(d) for d in entries if d.is_dir() and not d.name.startswith(".")}
+        per_class = {name: files for name, files in per_class.items() if files}
+        if per_class and loose:
+            raise DatasetError(
+                f"{root}: mixes class subfolders ({', '.join(list(per_class)[:3])}) with loose images "
+                f"({loose[0].name}); use one layout"
+            )
+        if not per_class and not loose:
+            raise DatasetError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder or its subfolders")
+        self.root = root
+        if per_class:
+            self.classes: tuple[str, ...] | None = tuple(per_class)
+            self.files = [f for files in per_class.values() for f in files]
+            self.labels = [c for c, files in enumerate(per_class.values()) for _ in files]
+        else:
+            self.classes = None
+            self.files = loose
+            self.labels = [-1] * len(loose)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def image(self, index: int) -> Image.Image:
+        path = self.files[index]
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return img.copy()
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+            raise DatasetError(f"{path}: cannot read image ({exc})") from None
+
+    def label(self, index: int) -> int:
+        return self.labels[index]
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "folder", "root": str(self.root.resolve()), "images": len(self.files),
+                "classes": list(self.classes) if self.classes else None}  # fmt: skip
+
+
+class FashionMnistSource:
+    """One split of Fashion-MNIST, held in memory (47 MB for the train split)."""
+
+    def __init__(self, split: str, root: str | None):
+        arrays = load_fashion_mnist(split, root)
+        self.split, self.root = split, root
+        self.images, self.labels = arrays.images, arrays.labels
+        self.classes: tuple[str, ...] | None = arrays.classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index])
+
+    def label(self, index: int) -> int:
+        return int(self.labels[index])
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "fashion-mnist", "split": self.split, "images": len(self)}
+
+
+class SyntheticSource:
+    """Seeded uniform-noise RGB images with seeded random labels; image i is the same on every call and machine."""
+
+    def __init__(self, count: int, img_size: tuple[int, int], num_classes: int, seed: int = 0):
+        self.count, self.img_size, self.seed = count, tuple(img_size), seed
+        self.num_classes = num_classes
+        self.classes: tuple[str, ...] | None = tuple(str(c) for c in range(num_classes)) if num_classes else None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, index])
+
+    def image(self, index: int) -> Image.Image:
+        rng = self._rng(index)
+        rng.integers(0, 2)  # the label's draw (see `label`): images and labels come from one stream per index
+        pixels = rng.integers(0, 256, size=(*self.img_size, 3), dtype=np.uint8)
+        return Image.fromarray(pixels)
+
+    def label(self, index: int) -> int:
+        return int(self._rng(index).integers(0, self.num_classes)) if self.num_classes else -1
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "synthetic", "images": self.count, "img_size": list(self.img_size),
+                "classes": self.num_classes}  # fmt: skip
+
+
+class SliceSource:
+    """Images `start:stop` of another source (Python slice semantics), e.g. a validation hold-out of a training set."""
+
+    def __init__(self, inner: ImageSource, start: int | None, stop: int | None, spec: str):
+        self.inner, self.indices = inner, range(len(inner))[slice(start, stop)]
+        if not self.indices:
+            raise DatasetError(f"--data {spec}: the slice selects no images (the source has {len(inner)})")
+        self.classes = inner.classes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def image(self, index: int) -> Image.Image:
+        return self.inner.image(self.indices[index])
+
+    def label(self, index: int) -> int:
+        return self.inner.label(self.indices[index])
+
+    def identity(self) -> dict[str, Any]:
+        return {**self.inner.identity(), "slice": [self.indices.start, self.indices.stop], "images": len(self)}
+
+
+_SLICE = re.compile(r"^(?P<inner>.+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
+
+
+def open_source(
+    spec: str, *, split: str = "train", img_size: tuple[int, int] = (224, 224), num_classes: int = 0
+) -> ImageSource:
+    """`--data` → a source: `synthetic:N`, `fashion-mnist[:ROOT]` (`split`), or a folder path; any of them followed
+    by `[START:STOP]` takes those images only (Python slice: `fashion-mnist[:-5000]`, `fashion-mnist[-5000:]`).
+
+    `img_size` and `num_classes` shape synthetic data only (images at the model's size, labels in its classes).
+    """
+    sliced = _SLICE.match(spec or "")
+    if sliced:
+        inner = open_source(sliced["inner"], split=split, img_size=img_size, num_classes=num_classes)
+        start, stop = (int(v) if v else None for v in (sliced["start"], sliced["stop"]))
+        return SliceSource(inner, start, stop, spec)
+    if split not in SPLITS:
+        raise DatasetError(f"--split {split}: choose one of {', '.join(SPLITS)}")
+    if not spec:
+        raise DatasetError("--data is empty: give a folder, fashion-mnist[:ROOT] or synthetic:N")
+    kind, _, rest = spec.partition(":")
+    if kind == "synthetic":
+        if not rest.isdigit() or int(rest) <= 0:
+            raise DatasetError(f"--data {spec}: synthetic data needs a positive image count, e.g. synthetic:256")
+        return SyntheticSource(int(rest), img_size, num_classes)
+    if kind == "fashion-mnist":
+        return FashionMnistSource(split, rest or None)
+    return FolderSource(Path(spec))
+
+

@@ -1,0 +1,305 @@
+"""The interpreter of the mapping language: rules bound to one target tensor, and their evaluation.
+
+`bind` fills a rule's `{layer}` / `{block}` placeholders and turns it into a tree of nodes (a source tensor with an
+op chain, an initialiser, a concat). `evaluate` computes the tensor a tree produces for one target region: on `meta`
+tensors when planning and checking (shapes only), on real tensors when converting; every op chain runs through
+`apply_chain`, which the plan also uses to trace which source entries an output reads and whether it subclones.
+Problems are raised as `RuleError`s carrying the YAML path of the rule part that failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from tmconvert.converter.mapping.ops import OpSpec, concat
+from tmconvert.converter.mapping.schema import ConcatExpr, FromExpr, InitExpr, OpCall, fill_template, is_ref
+
+
+class RuleError(Exception):
+    """A problem at one YAML path of the mapping (the planner collects them into problems)."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SourceNode:
+    name: str
+    ops: tuple[OpCall, ...]
+    path: str
+    size: Any = None
+
+
+@dataclass(frozen=True)
+class InitNode:
+    init: str
+    path: str
+    size: Any = None
+
+
+@dataclass(frozen=True)
+class ConcatNode:
+    dim: int
+    parts: tuple[Node, ...]
+    path: str
+    size: Any = None
+
+
+Node = SourceNode | InitNode | ConcatNode
+
+
+def describe(node: Node, resolve: Callable[[Any], Any] | None = None) -> str:
+    """One-line human form: `blocks.0.mlp.fc1.weight | select(dim=0, set=hidden) | ...`, `init:default`, `cat0[...]`.
+
+    With `resolve`, config references in op arguments show their values.
+    """
+    if isinstance(node, SourceNode):
+        return " | ".join([node.name, *(op.describe(resolve) for op in node.ops)])
+    if isinstance(node, InitNode):
+        return f"init:{node.init}"
+    return f"cat{node.dim}[" + " ; ".join(describe(p, resolve) for p in node.parts) + "]"
+
+
+def node_sources(node: Node) -> list[str]:
+    if isinstance(node, SourceNode):
+        return [node.name]
+    if isinstance(node, ConcatNode):
+        return [s for p in node.parts for s in node_sources(p)]
+    return []
+
+
+def node_inits(node: Node) -> list[str]:
+    if isinstance(node, InitNode):
+        return [node.init]
+    if isinstance(node, ConcatNode):
+        return [s for p in node.parts for s in node_inits(p)]
+    return []
+
+
+def bind(expr: Any, path: str, binding: dict[str, int]) -> Node:
+    """A rule expression with its placeholders filled from `binding` ({"layer": j, "block": b}), as nodes."""
+    if isinstance(expr, FromExpr):
+        try:
+            name = fill_template(expr.source, binding)
+        except KeyError as exc:
+            where = "a rule outside per-layer patterns" if "layer" not in binding else "a layer no teacher block feeds"
+            raise RuleError(f"{path}.from", f"placeholder {{{exc.args[0]}}} has no value in {where}") from None
+        return SourceNode(name, tuple(expr.ops), path, expr.size)
+    if isinstance(expr, InitExpr):
+        return InitNode(expr.init, path, expr.size)
+    assert isinstance(expr, ConcatExpr)
+    parts = tuple(bind(p, f"{path}.concat.parts[{i}]", binding) for i, p in enumerate(expr.concat.parts))
+    return ConcatNode(expr.concat.dim, parts, path, expr.size)
+
+
+def walk(node: Node) -> list[tuple[Node, str]]:
+    out = [(node, node.path)]
+    if isinstance(node, ConcatNode):
+        for p in node.parts:
+            out.extend(walk(p))
+    return out
+
+
+class IndexSetSpec(Protocol):
+    """What the interpreter needs of a resolved index set."""
+
+    full: int  # width of the teacher axis it chooses from
+    keep: int  # entries kept
+    per: str  # "model" or "block"
+
+
+class FailedIndexSetError(Exception):
+    """A rule uses an index set whose own declaration is already reported as a problem: nothing new to report.
+
+    Not a ValueError, so it passes the op-level handlers that turn ValueErrors into problems at the op's path."""
+
+
+class OpContext:
+    """`ops.ResolveContext` for one target tensor: config references, and index sets at the tensor's block."""
+
+    def __init__(self, configs: dict[str, Any], sets: Mapping[str, IndexSetSpec], selection: Any, block: int | None,
+                 failed: frozenset[str] = frozenset()):  # fmt: skip
+        self.configs = configs
+        self.sets = sets
+        self.selection = selection
+        self.block = block
+        self.failed = failed
+
+    def ref(self, value: Any) -> Any:
+        if not is_ref(value):
+            return value
+        side, attr = value.split(".", 1)
+        config = self.configs[side]
+        if not hasattr(config, attr):
+            raise ValueError(f"{value}: {type(config).__name__} has no field {attr!r}")
+        resolved = getattr(config, attr)
+        if resolved is None:
+            raise ValueError(f"{value} is not set for this {side} ({type(config).__name__}.{attr} is None)")
+        return resolved
+
+    def _set(self, name: str) -> IndexSetSpec:
+        if name in self.failed:
+            raise FailedIndexSetError(name)
+        if name not in self.sets:
+            known = ", ".join(self.sets) or "none declared"
+            raise ValueError(f"unknown index set {name!r} (index_sets: {known})")
+        return self.sets[name]
+
+    def index(self, set_name: str) -> torch.Tensor:
+        spec = self._set(set_name)
+        if spec.per == "block" and self.block is None:
+            raise ValueError(f"index set {set_name!r} is chosen per teacher block, but this rule has no block")
+        return self.selection(set_name, self.block if spec.per == "block" else None)
+
+    def set_full(self, set_name: str) -> int:
+        return self._set(set_name).full
+
+    def set_ratio(self, set_name: str) -> float:
+        spec = self._set(set_name)
+        return spec.full / spec.keep
+
+
+@dataclass
+class EvalContext:
+    """How leaves become tensors: `load(name)` a source tensor (fp32), `init(kind, name)` a whole default tensor."""
+
+    load: Callable[[str], torch.Tensor]
+    default: Callable[[str], torch.Tensor]
+    ops: OpContext
+    meta: bool
+
+
+@dataclass(frozen=True)
+class Region:
+    """The part of a target tensor an expression fills: its name and the (dim, start, length) narrowings."""
+
+    target: str
+    shape: tuple[int, ...]
+    narrowing: tuple[tuple[int, int, int], ...] = ()
+    full_shape: tuple[int, ...] | None = None  # the whole target tensor's shape (None: `shape` is the whole)
+
+    def narrow(self, dim: int, start: int, length: int) -> Region:
+        shape = list(self.shape)
+        shape[dim] = length
+        return Region(self.target, tuple(shape), (*self.narrowing, (dim, start, length)), self.full_shape or self.shape)
+
+
+def initial_tensor(init: str, shape: tuple[int, ...], *, meta: bool) -> torch.Tensor:
+    """A whole target tensor from a constant initialiser (`default` comes from the target model instead)."""
+    device = "meta" if meta else "cpu"
+    if init == "conv_identity":
+        if len(shape) < 2:
+            raise ValueError(f"conv_identity needs a conv kernel (out, in, taps...), got shape {shape}")
+        tensor = torch.zeros(shape, device=device)
+        tensor[..., -1] = 1.0
+        return tensor
+    return torch.full(shape, {"zeros": 0.0, "ones": 1.0}[init], device=device)
+
+
+def _resolve_size(node: Node, ctx: EvalContext) -> int | None:
+    if node.size is None:
+        return None
+    try:
+        value = ctx.ops.ref(node.size)
+    except ValueError as exc:
+        raise RuleError(f"{node.path}.size", str(exc)) from None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise RuleError(f"{node.path}.size", f"size must be a non-negative integer, got {value!r}")
+    return value
+
+
+Observer = Callable[[OpSpec, dict[str, Any], torch.Tensor, torch.Tensor], None]
+
+
+def apply_chain(
+    node: SourceNode, tensor: torch.Tensor, ops: OpContext, *, trace: bool = False, observe: Observer | None = None
+) -> torch.Tensor:
+    """Run a source node's op chain on `tensor` (the source tensor as loaded), left to right.
+
+    With `trace`, `tensor` holds element ids of the source and each op moves them as it declares (`OpSpec.reads`),
+    so the result says which source entries the output is made of. `observe(spec, kwargs, before, after)` sees
+    every call (the plan classifies with it). A failing op raises `RuleError` at its YAML path.
+    """
+    source_ids = tensor
+    for i, op in enumerate(node.ops):
+        try:
+            kwargs = op.args.resolve(ops)
+            if trace and op.spec.reads == "all":
+                return source_ids
+            out = tensor if trace and op.spec.reads == "same" else op.spec.fn(tensor, **kwargs)
+        except (ValueError, RuntimeError, IndexError) as exc:
+            raise RuleError(f"{node.path}.ops[{i}]", f"{op.name} on {node.name} {tuple(tensor.shape)}: {exc}") from None
+        if observe is not None:
+            observe(op.spec, kwargs, tensor, out)
+        tensor = out
+    return tensor
+
+
+def evaluate(node: Node, ctx: EvalContext, region: Region) -> torch.Tensor:
+    """The tensor an expression produces for `region` (float32; on meta when `ctx.meta`)."""
+    if isinstance(node, SourceNode):
+        return apply_chain(node, ctx.load(node.name), ctx.ops)
+    if isinstance(node, InitNode):
+        whole = region.full_shape or region.shape
+        if node.init == "default":
+            tensor = torch.empty(whole, device="meta") if ctx.meta else ctx.default(region.target).float()
+        else:
+            try:
+                tensor = initial_tensor(node.init, whole, meta=ctx.meta)
+            except ValueError as exc:
+                raise RuleError(f"{node.path}.init", str(exc)) from None
+        for dim, start, length in region.narrowing:
+            tensor = tensor.narrow(dim, start, length)
+        return tensor
+    return _evaluate_concat(node, ctx, region)
+
+
+def _evaluate_concat(node: ConcatNode, ctx: EvalContext, region: Region) -> torch.Tensor:
+    ndim = len(region.shape)
+    if not -ndim <= node.dim < ndim:
+        raise RuleError(f"{node.path}.concat.dim", f"dim {node.dim} out of range for a {ndim}-d target")
+    dim = node.dim % ndim
+    sizes: list[int | None] = []
+    evaluated: dict[int, torch.Tensor] = {}
+    for i, part in enumerate(node.parts):
+        declared = _resolve_size(part, ctx)
+        if isinstance(part, SourceNode):
+            tensor = evaluate(part, ctx, region)
+            if tensor.dim() != ndim:
+                raise RuleError(part.path, f"{part.name} gives a {tensor.dim()}-d tensor, the concat is {ndim}-d")
+            if declared is not None and tensor.shape[dim] != declared:
+                raise RuleError(f"{part.path}.size", f"declared size {declared}, produced {tensor.shape[dim]}")
+            evaluated[i] = tensor
+            sizes.append(tensor.shape[dim])
+        else:
+            sizes.append(declared)
+    unknown = [i for i, s in enumerate(sizes) if s is None]
+    known = sum(s for s in sizes if s is not None)
+    if len(unknown) > 1:
+        raise RuleError(f"{node.path}.concat", "at most one part may omit `size` (it fills the remainder)")
+    if unknown:
+        fill = region.shape[dim] - known
+        if fill < 0:
+            raise RuleError(
+                f"{node.path}.concat",
+                f"parts already give {known} along dim {dim}, more than the {region.shape[dim]} of {region.target}",
+            )
+        sizes[unknown[0]] = fill
+    pieces, offset = [], 0
+    for i, part in enumerate(node.parts):
+        size = sizes[i]
+        pieces.append(evaluated[i] if i in evaluated else evaluate(part, ctx, region.narrow(dim, offset, size)))
+        offset += size
+    try:
+        return concat(pieces, dim=dim)
+    except RuntimeError:
+        shapes = ", ".join(str(tuple(p.shape)) for p in pieces)
+        raise RuleError(f"{node.path}.concat", f"parts {shapes} do not fit together along dim {dim}") from None
+
+

@@ -1,0 +1,1 @@
+"""Shipped distillation recipes (YAML). This package holds data only; `tmconvert.converter.distill` reads it."""
