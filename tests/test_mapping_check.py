@@ -63,7 +63,7 @@ def test_check_reports_all_semantic_problems_at_once(tmp_path, capsys):
             # 3. an unknown index set
             ("    from: norm.weight\n    ops: [{select: {dim: 0, set: residual}}]",
              "    from: norm.weight\n    ops: [{select: {dim: 0, set: residdual}}]"),
-            # 4. a target tensor no rule produces (the D of inherited layers)
+            # 4. a target tensor no rule produces (D, in inherited and in other layers)
             ("  layers.{layer}.mixer.D: {init: default, dtype: float32}\n  layers.{layer}.mixer.A_b_log",
              "  layers.{layer}.mixer.A_b_log"),
             # 5. a tensor produced twice (rest already has an out_proj rule)
@@ -79,7 +79,7 @@ def test_check_reports_all_semantic_problems_at_once(tmp_path, capsys):
     assert main(["check", str(path)]) == 1
     out = capsys.readouterr().out
     problems = [line.strip() for line in out.splitlines() if line.startswith("  ")]
-    assert len(problems) == 9, out
+    assert len(problems) == 10, out
     expected = [
         r"default_for\[0\]: unknown target 'vim-q'",
         r"tensors\.patch_embed\.proj\.bias\.from: source tensor patch_embed\.proj\.bais does not exist",
@@ -89,6 +89,7 @@ def test_check_reports_all_semantic_problems_at_once(tmp_path, capsys):
         r"this rule has no block",
         r"tensors\.norm_f\.weight\.ops\[0\]: .*unknown index set 'residdual'",
         r"tensors: no rule produces layers\.\{layer\}\.mixer\.D ",
+        r"rest: no rule produces layers\.\{layer\}\.mixer\.D ",
         r"rest\.layers\.\{layer\}\.mixer\.out_\*: target tensor layers\.\d+\.mixer\.out_proj\.weight is produced by 2 "
         r"rules",
         r"tensors\.layers\.\{layer\}\.mixer\.out_proj\.weight: produces \(\d+, \d+\) but target "

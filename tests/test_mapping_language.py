@@ -170,3 +170,27 @@ def test_guard_otherwise_and_source_checks(tmp_path):
     path.write_text(head + "  x: {from: a, size: -3x}\n")
     with pytest.raises(MappingError, match=r"g\.yaml:5: tensors\.x\.size"):
         load_mapping(path)
+
+
+def test_layer_defaults_fill_what_a_layers_section_leaves_out(tmp_path):
+    """`layer_defaults` rules produce a per-layer tensor in every layer whose section (`tensors` for inherited
+    layers, `rest` for the others) has no rule for it; a section's own rule wins."""
+    every_layer = ("in_proj.weight", "conv1d.weight", *_OTHER_MIXER)
+    text = "mapping: 1\nsource: vit\ntarget: vim\ntensors:\n"
+    text += "  layers.{layer}.mixer.conv1d.weight: {init: conv_identity}\n"
+    text += "".join(f"  {n}: {{init: default}}\n" for n in _GLOBALS)
+    text += "rest:\n  layers.{layer}.mixer.conv1d.weight: {init: zeros}\n"
+    text += "layer_defaults:\n  layers.{layer}.norm.weight: {init: ones}\n"
+    text += "".join(f"  layers.{{layer}}.mixer.{n}: {{init: default}}\n" for n in every_layer)
+    (tmp_path / "defaults.yaml").write_text(text)
+    mapping = load_mapping(tmp_path / "defaults.yaml")
+    two_layers = TargetSide.from_config("mini", VimConfig(**{**_VIM.__dict__, "depth": 2}))
+    plan = build_plan(mapping, SourceSide.from_config(_VIT), two_layers)  # layer 0 <- block 0; layer 1: rest
+    assert not plan.problems and plan.layers.blocks == (0, None)
+    rule = {e.name: e.rule for e in plan.entries}
+    assert rule["layers.0.mixer.conv1d.weight"] == "tensors.layers.{layer}.mixer.conv1d.weight"
+    assert rule["layers.1.mixer.conv1d.weight"] == "rest.layers.{layer}.mixer.conv1d.weight"
+    for layer in (0, 1):
+        assert rule[f"layers.{layer}.mixer.A_log"] == "layer_defaults.layers.{layer}.mixer.A_log"
+        assert rule[f"layers.{layer}.norm.weight"] == "layer_defaults.layers.{layer}.norm.weight"
+    assert plan.unused_rules == []  # the conv1d default is shadowed in both layers, which is not a mistake

@@ -387,6 +387,8 @@ def build_plan(
         found = {s: [(path, rule, m) for pat, path, rule in rules if (m := pat.match(name)) is not None]
                  for s, rules in sections.items()}  # fmt: skip
         layer = next((m["layer"] for s in found.values() for _, _, m in s if "layer" in m), None)
+        if layer is None and not any(found.values()) and (number := _LAYER_NUMBER.search(name)):
+            layer = int(number.group())  # no rule at all: still say which section lacks one
         is_rest = layer is not None and layer_plan.blocks[layer] is None
         globals_ = [c for c in found["tensors"] if "layer" not in c[2]]
         if is_rest:
@@ -394,6 +396,7 @@ def build_plan(
                                      else found["rest"])  # fmt: skip
         else:
             candidates = found["tensors"]
+        matched_rules.update(path for path, _, _ in found["layer_defaults"])  # a default may go unneeded
         if not candidates and layer is not None:
             candidates = found["layer_defaults"]  # what every layer gets unless its section says otherwise
         if not candidates:
