@@ -61,8 +61,18 @@ def main() -> None:
     out = work / "vim-s.safetensors"
     copy = work / "copy.safetensors"
     tmconvert = [sys.executable, "-c", "import sys; from tmconvert.converter.cli import main; sys.exit(main())"]
-    convert_cmd = [*tmconvert, str(source), "--to", args.target, "--layers", str(args.layers), "--out", str(out),
-                   "--no-verify", "--force"]
+    convert_cmd = [
+        *tmconvert,
+        str(source),
+        "--to",
+        args.target,
+        "--layers",
+        str(args.layers),
+        "--out",
+        str(out),
+        "--no-verify",
+        "--force",
+    ]
     copy_cmd = [sys.executable, "-c", PLAIN_COPY, str(source), str(copy)]
     python_cmd = [sys.executable, "-c", "import torch, safetensors"]
 
@@ -73,17 +83,30 @@ def main() -> None:
         rows["python+torch import"].append(measure(python_cmd))
     med = {k: (statistics.median(w for w, _ in v), max(r for _, r in v)) for k, v in rows.items()}
     src_mb, out_mb = source.stat().st_size / 2**20, out.stat().st_size / 2**20
-    print(f"source {source.name}: {src_mb:.0f} MiB; output {out.name}: {out_mb:.0f} MiB; "
-          f"{os.cpu_count()} CPUs; median of {args.repeats}")
+    print(
+        f"source {source.name}: {src_mb:.0f} MiB; output {out.name}: {out_mb:.0f} MiB; "
+        f"{os.cpu_count()} CPUs; median of {args.repeats}"
+    )
     print(f"{'command':<22}{'wall s':>9}{'peak RSS MiB':>14}")
     for k, (w, r) in med.items():
         print(f"{k:<22}{w:>9.2f}{r / 2**20:>14.0f}")
     ratio = med["convert"][0] / med["plain read+write"][0]
     budget = src_mb + out_mb + 300
-    print(f"time ratio convert / plain = {ratio:.2f} (target <= 2); peak RSS {med['convert'][1] / 2**20:.0f} MiB "
-          f"vs budget source + output + 300 = {budget:.0f} MiB")
-    print(json.dumps({"source_mib": src_mb, "output_mib": out_mb, "median_s": {k: v[0] for k, v in med.items()},
-                      "peak_rss_mib": {k: v[1] / 2**20 for k, v in med.items()}, "ratio": ratio}))
+    print(
+        f"time ratio convert / plain = {ratio:.2f} (target <= 2); peak RSS {med['convert'][1] / 2**20:.0f} MiB "
+        f"vs budget source + output + 300 = {budget:.0f} MiB"
+    )
+    print(
+        json.dumps(
+            {
+                "source_mib": src_mb,
+                "output_mib": out_mb,
+                "median_s": {k: v[0] for k, v in med.items()},
+                "peak_rss_mib": {k: v[1] / 2**20 for k, v in med.items()},
+                "ratio": ratio,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -93,8 +93,9 @@ def _append(results: Path, row: dict[str, Any]) -> None:
     print(json.dumps(row, sort_keys=True), flush=True)
 
 
-def _test_accuracy(model_path: Path, data: str, args: argparse.Namespace, device: torch.device,
-                   split: str = "test") -> dict[str, Any]:  # fmt: skip
+def _test_accuracy(
+    model_path: Path, data: str, args: argparse.Namespace, device: torch.device, split: str = "test"
+) -> dict[str, Any]:
     loaded = load_classifier(model_path)
     source = open_source(data, split=split, img_size=loaded.input_spec.img_size, num_classes=loaded.config.num_classes)
     dataset = ImageDataset(source, Preprocess(loaded.input_spec, train=False))
@@ -108,14 +109,16 @@ def _converted(args: argparse.Namespace, seed: int) -> Path:
     atomic write wins with identical bytes."""
     path = args.out / f"converted-{args.target}-s{seed}.safetensors"
     if not path.exists():
-        request = ConvertRequest(source=args.teacher, target=args.target, out=path, seed=seed, mapping=args.mapping,
-                                 force=True)  # fmt: skip
+        request = ConvertRequest(
+            source=args.teacher, target=args.target, out=path, seed=seed, mapping=args.mapping, force=True
+        )
         convert(request)
     return path
 
 
-def _run_arm(arm: str, seed: int, steps: int, lr: float | None, args: argparse.Namespace, dist: DistContext,
-             deadline: float) -> dict[str, Any] | None:  # fmt: skip
+def _run_arm(
+    arm: str, seed: int, steps: int, lr: float | None, args: argparse.Namespace, dist: DistContext, deadline: float
+) -> dict[str, Any] | None:
     """Train (or resume) one arm; None when the time budget ran out first (its checkpoint is kept)."""
     from_converted, overrides = ARMS[arm]
     student = str(_converted(args, seed)) if from_converted else args.target
@@ -126,17 +129,30 @@ def _run_arm(arm: str, seed: int, steps: int, lr: float | None, args: argparse.N
     loaded = load_recipe(args.recipe, [f"data.workers={args.workers}", *args.set, *overrides], flags)
     resume = (folder / "checkpoint.pt").exists()
     if not (folder / "student.safetensors").exists():
-        request = DistillRequest(teacher=args.teacher, student=student, data=train_data, out=folder, recipe=loaded,
-                                 resume=resume, force=not resume,
-                                 time_limit=max(1.0, deadline - time.monotonic()))  # fmt: skip
+        request = DistillRequest(
+            teacher=args.teacher,
+            student=student,
+            data=train_data,
+            out=folder,
+            recipe=loaded,
+            resume=resume,
+            force=not resume,
+            time_limit=max(1.0, deadline - time.monotonic()),
+        )
         result = run_distillation(prepare_run(request, dist))
         if not result.finished:
             return None
         final, seconds = result.final, result.seconds
     else:
         final, seconds = json.loads((folder / "student.config.json").read_text())["distill"]["final"], None
-    row = {"arm": arm, "seed": seed, "steps": steps, "lr": lr, "train_seconds": seconds,
-           **{k: final.get(k) for k in ("loss", "task", "kd", "feature")}}  # fmt: skip
+    row = {
+        "arm": arm,
+        "seed": seed,
+        "steps": steps,
+        "lr": lr,
+        "train_seconds": seconds,
+        **{k: final.get(k) for k in ("loss", "task", "kd", "feature")},
+    }
     row.update(_test_accuracy(folder / "student.safetensors", args.data, args, dist.device))
     if val_data is not None:
         val = _test_accuracy(folder / "student.safetensors", val_data, args, dist.device, split="train")
@@ -192,19 +208,25 @@ def _best_rates(results: Path, arms: list[str], steps: list[int]) -> dict[tuple[
 def _summary(results: Path) -> str:
     """Per arm and step count, the rate with the best mean hold-out top-1 (when rates were swept) and its test top-1."""
     order = ["teacher", "c0", *ARMS]
-    lines = ["| arm | steps | lr (chosen on hold-out) | seeds | test top-1 % (mean ± std) | hold-out top-1 % by lr |",
-             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        "| arm | steps | lr (chosen on hold-out) | seeds | test top-1 % (mean ± std) | hold-out top-1 % by lr |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     groups = _read_rows(results)
     for (arm, steps), by_lr in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
         scores = _holdout_scores(by_lr)
         best = _chosen_rate(by_lr)
         accs = [100 * r["top1"] for r in by_lr[best]]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        sweep = ", ".join(f"{lr:g}: {100 * scores[lr]:.2f}" for lr in sorted(by_lr, key=lambda v: v or 0)
-                          if lr is not None and scores[lr] > float("-inf"))  # fmt: skip
+        sweep = ", ".join(
+            f"{lr:g}: {100 * scores[lr]:.2f}"
+            for lr in sorted(by_lr, key=lambda v: v or 0)
+            if lr is not None and scores[lr] > float("-inf")
+        )
         chosen = "recipe" if best is None else f"{best:g}"
-        lines.append(f"| {arm} | {steps} | {chosen} | {len(accs)} | {statistics.mean(accs):.2f} ± {std:.2f} | "
-                     f"{sweep} |")  # fmt: skip
+        lines.append(
+            f"| {arm} | {steps} | {chosen} | {len(accs)} | {statistics.mean(accs):.2f} ± {std:.2f} | {sweep} |"
+        )
     return "\n".join(lines) + "\n" + _targets(groups)
 
 
@@ -227,11 +249,15 @@ def _targets(groups: dict[tuple[str, int], ByRate]) -> str:
     if reached:
         ratio = reached[0] / final_steps
         verdict = "met" if ratio <= 1 / 3 else "missed"
-        lines.append(f"- (c) reaches (a)'s {final_steps}-step accuracy ({final:.2f} %) at {reached[0]} steps, "
-                     f"{ratio:.2f}x the steps (target <= 1/3: {verdict})")  # fmt: skip
+        lines.append(
+            f"- (c) reaches (a)'s {final_steps}-step accuracy ({final:.2f} %) at {reached[0]} steps, "
+            f"{ratio:.2f}x the steps (target <= 1/3: {verdict})"
+        )
     else:
-        lines.append(f"- (c) does not reach (a)'s {final_steps}-step accuracy ({final:.2f} %) at any step count run "
-                     f"(target: within 1/3 of the steps: missed)")  # fmt: skip
+        lines.append(
+            f"- (c) does not reach (a)'s {final_steps}-step accuracy ({final:.2f} %) at any step count run "
+            f"(target: within 1/3 of the steps: missed)"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -245,23 +271,39 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", default="500,2000", help="comma list of step counts")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lrs", default="", help="comma list of peak learning rates to sweep per arm (default: the "
-                        "recipe's optim.lr), or 'best': the rate an earlier sweep in OUT chose for the arm (c's for "
-                        "the c-* ablations)")
+    parser.add_argument(
+        "--lrs",
+        default="",
+        help="comma list of peak learning rates to sweep per arm (default: the "
+        "recipe's optim.lr), or 'best': the rate an earlier sweep in OUT chose for the arm (c's for "
+        "the c-* ablations)",
+    )
     parser.add_argument("--summary-only", action="store_true", help="write OUT/summary.md from the results and stop")
-    parser.add_argument("--prepare-only", action="store_true", help="score the teacher, convert and score each seed's "
-                        "student, and stop (run once before starting shards, so they never convert concurrently)")
-    parser.add_argument("--val-images", type=int, default=5000,
-                        help="training images held out to choose the rate (0: train on all, no hold-out)")
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="score the teacher, convert and score each seed's "
+        "student, and stop (run once before starting shards, so they never convert concurrently)",
+    )
+    parser.add_argument(
+        "--val-images",
+        type=int,
+        default=5000,
+        help="training images held out to choose the rate (0: train on all, no hold-out)",
+    )
     parser.add_argument("--recipe", default=None, help="recipe file or shipped name (default: default)")
     parser.add_argument("--set", action="append", default=[], help="extra recipe override for every arm")
     parser.add_argument("--eval-limit", type=int, default=None, help="test images per evaluation (default: all)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--device", default=None, choices=(None, "cpu", "cuda"))
     parser.add_argument("--max-minutes", type=float, default=None, help="stop launching and stop training after")
-    parser.add_argument("--shard", default="0/1", help="I/K: run every K-th training job starting at the I-th, so K "
-                        "processes (one GPU each, or several per GPU) fill one OUT together; shard 0 also scores the "
-                        "teacher and the converted students")
+    parser.add_argument(
+        "--shard",
+        default="0/1",
+        help="I/K: run every K-th training job starting at the I-th, so K "
+        "processes (one GPU each, or several per GPU) fill one OUT together; shard 0 also scores the "
+        "teacher and the converted students",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "distill-experiment")
     args = parser.parse_args()
     unknown = sorted(set(args.arms.split(",")) - set(ARMS))
@@ -286,15 +328,19 @@ def main() -> None:
     done = _done(results)
     seeds = [int(s) for s in args.seeds.split(",")]
     if shard == 0 and ("teacher", 0, 0, None) not in done:
-        _append(results, {"arm": "teacher", "seed": 0, "steps": 0,
-                          **_test_accuracy(args.teacher, args.data, args, dist.device)})  # fmt: skip
+        _append(
+            results,
+            {"arm": "teacher", "seed": 0, "steps": 0, **_test_accuracy(args.teacher, args.data, args, dist.device)},
+        )
     for seed in seeds:
         if shard != 0 or not any(ARMS[a][0] for a in args.arms.split(",")):
             continue
         student = _converted(args, seed)  # made here even when already scored, so shards find it
         if ("c0", seed, 0, None) not in done:
-            _append(results, {"arm": "c0", "seed": seed, "steps": 0,
-                              **_test_accuracy(student, args.data, args, dist.device)})  # fmt: skip
+            _append(
+                results,
+                {"arm": "c0", "seed": seed, "steps": 0, **_test_accuracy(student, args.data, args, dist.device)},
+            )
     if args.prepare_only:
         return
     arms, step_counts = args.arms.split(","), [int(s) for s in args.steps.split(",")]

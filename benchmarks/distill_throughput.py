@@ -39,8 +39,9 @@ from tmconvert.models.registry import get_config
 from tmconvert.models.vim import VimConfig, VisionMamba
 from tmconvert.models.vit import VisionTransformer, ViTConfig
 
-TINY_TEACHER = ViTConfig(embed_dim=32, depth=2, num_heads=2, mlp_hidden=64, patch_size=4, img_size=(32, 32),
-                         num_classes=10)  # fmt: skip
+TINY_TEACHER = ViTConfig(
+    embed_dim=32, depth=2, num_heads=2, mlp_hidden=64, patch_size=4, img_size=(32, 32), num_classes=10
+)
 TINY_STUDENT = VimConfig(embed_dim=16, depth=4, d_state=4, patch_size=4, img_size=(32, 32), num_classes=10)
 
 
@@ -77,15 +78,23 @@ def main() -> None:
     parser.add_argument("--teacher", default="deit-b", help="registry name of the teacher shape")
     parser.add_argument("--student", default="vim-s", help="registry name of the student")
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--patch-size", type=int, default=None, help="teacher (and student) patch size (default: the "
-                        "teacher's; 4 for the Fashion-MNIST models at 28 px)")  # fmt: skip
+    parser.add_argument(
+        "--patch-size",
+        type=int,
+        default=None,
+        help="teacher (and student) patch size (default: the teacher's; 4 for the Fashion-MNIST models at 28 px)",
+    )
     parser.add_argument("--batch-per-gpu", type=int, default=128, help="images per process and step")
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (kernel compilation, autotune)")
     parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps for the scan share (GPU)")
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"))
-    parser.add_argument("--cuda-graph", default="auto", choices=("auto", "true", "false"),
-                        help="run.cuda_graph: replay steps as CUDA graphs (auto: on one GPU, never under torchrun)")
+    parser.add_argument(
+        "--cuda-graph",
+        default="auto",
+        choices=("auto", "true", "false"),
+        help="run.cuda_graph: replay steps as CUDA graphs (auto: on one GPU, never under torchrun)",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny models at 32 px (CPU smoke test)")
     args = parser.parse_args()
 
@@ -123,25 +132,29 @@ def main() -> None:
     reserved = torch.cuda.memory_reserved(device) / 2**30 if device.type == "cuda" else None
     if dist.is_main:
         images_total = args.steps * args.batch_per_gpu * dist.world
-        print(json.dumps({
-            "teacher": "tiny" if args.tiny else args.teacher,
-            "student": "tiny" if args.tiny else args.student,
-            "img_size": teacher_cfg.img_size[0],
-            "patch_size": teacher_cfg.patch_size,
-            "world": dist.world,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "batch_per_gpu": args.batch_per_gpu,
-            "amp_bf16": trainer.amp,
-            "cuda_graph": trainer.cuda_graph,
-            "scan_backend": resolve_backend(device),
-            "images_per_second": round(images_total / seconds, 1),
-            "images_per_second_per_gpu": round(images_total / seconds / dist.world, 1),
-            "ms_per_step": round(1000 * seconds / args.steps, 2),
-            "scan_share": round(share, 4) if share is not None else None,
-            "peak_memory_gib": round(peak, 2) if peak is not None else None,
-            "reserved_memory_gib": round(reserved, 2) if reserved is not None else None,
-            "torch": torch.__version__,
-        }))
+        print(
+            json.dumps(
+                {
+                    "teacher": "tiny" if args.tiny else args.teacher,
+                    "student": "tiny" if args.tiny else args.student,
+                    "img_size": teacher_cfg.img_size[0],
+                    "patch_size": teacher_cfg.patch_size,
+                    "world": dist.world,
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "batch_per_gpu": args.batch_per_gpu,
+                    "amp_bf16": trainer.amp,
+                    "cuda_graph": trainer.cuda_graph,
+                    "scan_backend": resolve_backend(device),
+                    "images_per_second": round(images_total / seconds, 1),
+                    "images_per_second_per_gpu": round(images_total / seconds / dist.world, 1),
+                    "ms_per_step": round(1000 * seconds / args.steps, 2),
+                    "scan_share": round(share, 4) if share is not None else None,
+                    "peak_memory_gib": round(peak, 2) if peak is not None else None,
+                    "reserved_memory_gib": round(reserved, 2) if reserved is not None else None,
+                    "torch": torch.__version__,
+                }
+            )
+        )
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 

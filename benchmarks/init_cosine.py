@@ -62,8 +62,10 @@ def norm_choice(ckpt, images: torch.Tensor, device: torch.device) -> dict[str, f
         ln = F.layer_norm(x, (x.shape[-1],), eps=eps)
         with_bias.append(F.cosine_similarity(rms, ln * w + b, dim=-1).mean().item())
         without_bias.append(F.cosine_similarity(rms, ln * w, dim=-1).mean().item())
-    return {"rms_vs_ln_with_bias": sum(with_bias) / len(with_bias),
-            "rms_vs_ln_without_bias": sum(without_bias) / len(without_bias)}
+    return {
+        "rms_vs_ln_with_bias": sum(with_bias) / len(with_bias),
+        "rms_vs_ln_without_bias": sum(without_bias) / len(without_bias),
+    }
 
 
 @torch.no_grad()
@@ -77,9 +79,14 @@ def scratch_cosine(ckpt, target: str, images: torch.Tensor, device: torch.device
     tokens = tokens.to(device)
     keep = uniform_indices(ckpt.config.embed_dim, cfg.embed_dim).to(device)
     depth = min(ckpt.config.depth, cfg.depth)
-    cos = [F.cosine_similarity(s_out.layer_tokens[j].double(),
-                               t_out.layer_tokens[j][:, tokens][..., keep].double(), dim=-1).mean().item()
-           for j in range(depth)]
+    cos = [
+        F.cosine_similarity(
+            s_out.layer_tokens[j].double(), t_out.layer_tokens[j][:, tokens][..., keep].double(), dim=-1
+        )
+        .mean()
+        .item()
+        for j in range(depth)
+    ]
     return sum(cos) / len(cos)
 
 
@@ -105,26 +112,58 @@ def main() -> None:
             images = torch.cat(list(calibration_batches(str(eval_dir), ckpt.config, seed=0))).to(device)
             norms = norm_choice(ckpt, images, device)
             floor = scratch_cosine(ckpt, target, images, device, args.seed)
-            rows.append({"pair": f"{teacher_name}->{target}", "mapping": "scratch", "score": "-",
-                         "mean_cos": floor, **norms})
+            rows.append(
+                {"pair": f"{teacher_name}->{target}", "mapping": "scratch", "score": "-", "mean_cos": floor, **norms}
+            )
             for mapping in mappings:
                 for score in SCORES:
                     out = work / f"{teacher_name}-{target}-{mapping}-{score}.safetensors"
-                    convert(ConvertRequest(source=Path(teachers[teacher_name]), target=target, mapping=mapping,
-                                           layers=ckpt.config.depth, score=score, seed=args.seed, out=out,
-                                           calib=str(calib_dir) if score == "activation" else None, verify=False))
-                    rep = verify_converted(out, teacher=ckpt, calib=str(eval_dir), device=device,
-                                           max_images=args.images, backends=["reference"])
+                    convert(
+                        ConvertRequest(
+                            source=Path(teachers[teacher_name]),
+                            target=target,
+                            mapping=mapping,
+                            layers=ckpt.config.depth,
+                            score=score,
+                            seed=args.seed,
+                            out=out,
+                            calib=str(calib_dir) if score == "activation" else None,
+                            verify=False,
+                        )
+                    )
+                    rep = verify_converted(
+                        out,
+                        teacher=ckpt,
+                        calib=str(eval_dir),
+                        device=device,
+                        max_images=args.images,
+                        backends=["reference"],
+                    )
                     inherited = [s.cosine for s in rep.layers if s.block is not None]
-                    rows.append({"pair": f"{teacher_name}->{target}", "mapping": mapping, "score": score,
-                                 "mean_cos": sum(inherited) / len(inherited), "first": inherited[0],
-                                 "last": inherited[-1], "final": rep.final_cosine, "top1_agree": rep.top1_agreement,
-                                 "layers": [s.cosine for s in rep.layers], "problems": rep.problems})
+                    rows.append(
+                        {
+                            "pair": f"{teacher_name}->{target}",
+                            "mapping": mapping,
+                            "score": score,
+                            "mean_cos": sum(inherited) / len(inherited),
+                            "first": inherited[0],
+                            "last": inherited[-1],
+                            "final": rep.final_cosine,
+                            "top1_agree": rep.top1_agreement,
+                            "layers": [s.cosine for s in rep.layers],
+                            "problems": rep.problems,
+                        }
+                    )
                     out.unlink()
-                    print(f"{rows[-1]['pair']:<16} {mapping:<14} {score:<10} mean {rows[-1]['mean_cos']:.3f} "
-                          f"({time.time() - started:.0f}s)", flush=True)
-    print(f"\n{args.images} Fashion-MNIST test images, device {device}, "
-          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}\n")
+                    print(
+                        f"{rows[-1]['pair']:<16} {mapping:<14} {score:<10} mean {rows[-1]['mean_cos']:.3f} "
+                        f"({time.time() - started:.0f}s)",
+                        flush=True,
+                    )
+    print(
+        f"\n{args.images} Fashion-MNIST test images, device {device}, "
+        f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}\n"
+    )
     print("| pair | mapping | score | mean cos (inherited layers) | layer 0 | last inherited | final | top-1 agree |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -132,8 +171,10 @@ def main() -> None:
             print(f"| {r['pair']} | scratch (default init) | - | {r['mean_cos']:.3f} | | | | |")
             continue
         agree = "-" if r["top1_agree"] is None else f"{100 * r['top1_agree']:.1f} %"
-        print(f"| {r['pair']} | {r['mapping']} | {r['score']} | {r['mean_cos']:.3f} | {r['first']:.3f} | "
-              f"{r['last']:.3f} | {r['final']:.3f} | {agree} |")
+        print(
+            f"| {r['pair']} | {r['mapping']} | {r['score']} | {r['mean_cos']:.3f} | {r['first']:.3f} | "
+            f"{r['last']:.3f} | {r['final']:.3f} | {agree} |"
+        )
     print("\n| teacher | cos(RMSNorm(x)w, LN(x)w+b) | cos(RMSNorm(x)w, LN(x)w) |\n|---|---|---|")
     for r in rows:
         if r["mapping"] == "scratch":

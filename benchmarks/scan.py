@@ -212,8 +212,9 @@ def sweep_configs(shape: Shape, device: str) -> list[sst.LaunchConfig]:
 
     def bwd(block_d: int, tile: int, block_l: int = 1, segments: int | None = None) -> sst.LaunchConfig:
         n_chunks = triton.cdiv(shape.seqlen, base.chunk_len)
-        segments = segments or sst._segments(shape.batch * shape.dim // block_d, n_chunks, torch.device(device),
-                                             per_multiprocessor=2)  # fmt: skip
+        segments = segments or sst._segments(
+            shape.batch * shape.dim // block_d, n_chunks, torch.device(device), per_multiprocessor=2
+        )
         block_d = sst._channel_block(channels, block_d)
         return dataclasses.replace(
             base, bwd_block_d=block_d, bwd_tile_l=tile, bwd_block_l=block_l, bwd_segments=segments

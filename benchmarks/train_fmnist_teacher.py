@@ -26,8 +26,9 @@ from tmconvert.models.vit import VisionTransformer, ViTConfig
 
 # DeiT-T/S/B widths at Fashion-MNIST's native 28 px with patch 4 (a 7x7 grid, 50 tokens).
 ARCHS = {
-    name: ViTConfig(embed_dim=d, depth=12, num_heads=d // 64, mlp_hidden=4 * d, patch_size=4, img_size=(28, 28),
-                    num_classes=10)
+    name: ViTConfig(
+        embed_dim=d, depth=12, num_heads=d // 64, mlp_hidden=4 * d, patch_size=4, img_size=(28, 28), num_classes=10
+    )
     for name, d in (("t", 192), ("s", 384), ("b", 768))
 }
 
@@ -51,8 +52,8 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     correct = 0
     for i in range(0, len(labels), batch):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.is_cuda):
-            logits = model(grey_batch_to_input(images[i:i + batch]))
-        correct += (logits.argmax(-1) == labels[i:i + batch]).sum().item()
+            logits = model(grey_batch_to_input(images[i : i + batch]))
+        correct += (logits.argmax(-1) == labels[i : i + batch]).sum().item()
     return correct / len(labels)
 
 
@@ -74,15 +75,19 @@ def write_shards(state: dict[str, torch.Tensor], folder: Path, meta: dict[str, s
         weight_map.update({name: fname for name in shard})
     total = sum(t.nbytes for t in state.values())
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total, **meta}, "weight_map": weight_map}, indent=1))
+        json.dumps({"metadata": {"total_size": total, **meta}, "weight_map": weight_map}, indent=1)
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--arch", choices=sorted(ARCHS), default="t", help="DeiT-T/S/B width")
-    p.add_argument("--out", default="assets/fmnist-vit-t.safetensors",
-                   help="a .safetensors file, or a folder for sharded output (see --shard-mb)")
+    p.add_argument(
+        "--out",
+        default="assets/fmnist-vit-t.safetensors",
+        help="a .safetensors file, or a folder for sharded output (see --shard-mb)",
+    )
     p.add_argument("--shard-mb", type=float, default=0, help="write HF-style shards of at most this size")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch", type=int, default=256)
@@ -104,10 +109,14 @@ def main() -> None:
 
     model = VisionTransformer(ARCHS[args.arch], seed=args.seed).to(device)
     decay = [p_ for n, p_ in model.named_parameters() if p_.ndim >= 2 and "pos_embed" not in n and "token" not in n]
-    no_decay = [p_ for n, p_ in model.named_parameters() if not (p_.ndim >= 2 and "pos_embed" not in n
-                                                                  and "token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.999))
+    no_decay = [
+        p_ for n, p_ in model.named_parameters() if not (p_.ndim >= 2 and "pos_embed" not in n and "token" not in n)
+    ]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.999),
+    )
     steps_per_epoch = len(ytr) // args.batch
     total = steps_per_epoch * args.epochs
     warmup = int(args.warmup_epochs * steps_per_epoch)
@@ -123,7 +132,7 @@ def main() -> None:
         model.train()
         perm = torch.randperm(len(ytr), device=device, generator=gen)
         for i in range(steps_per_epoch):
-            idx = perm[i * args.batch:(i + 1) * args.batch]
+            idx = perm[i * args.batch : (i + 1) * args.batch]
             x = grey_batch_to_input(augment(xtr[idx], gen))
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
@@ -137,8 +146,10 @@ def main() -> None:
             if args.max_steps and step >= args.max_steps:
                 break
         acc = evaluate(model, xte, yte)
-        print(f"epoch {epoch + 1}/{args.epochs} loss {loss.item():.4f} test acc {acc:.4f} "
-              f"({time.time() - t0:.0f}s)", flush=True)
+        print(
+            f"epoch {epoch + 1}/{args.epochs} loss {loss.item():.4f} test acc {acc:.4f} ({time.time() - t0:.0f}s)",
+            flush=True,
+        )
         if args.max_steps and step >= args.max_steps:
             break
 
@@ -150,8 +161,9 @@ def main() -> None:
         "format": "timm-vit",
         "dataset": "fashion-mnist",
         "test_top1": f"{acc16:.4f}",
-        "input": json.dumps({"img_size": 28, "channels": 3, "grey_to_rgb": True,
-                             "mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
+        "input": json.dumps(
+            {"img_size": 28, "channels": 3, "grey_to_rgb": True, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        ),
         "recipe": json.dumps(vars(args)),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "train_seconds": f"{time.time() - t0:.0f}",
@@ -164,8 +176,16 @@ def main() -> None:
         tmp = out.with_suffix(out.suffix + ".tmp")
         save_file(state, str(tmp), metadata=meta)
         os.replace(tmp, out)
-    print(json.dumps({"out": str(out), "test_top1_fp16": acc16, "params": sum(v.numel() for v in state.values()),
-                      "seconds": time.time() - t0}))
+    print(
+        json.dumps(
+            {
+                "out": str(out),
+                "test_top1_fp16": acc16,
+                "params": sum(v.numel() for v in state.values()),
+                "seconds": time.time() - t0,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def causal_conv1d(
         length = x.shape[-1]
         out = padded[..., 0:length] * taps[:, 0, None]
         for k in range(1, width):
-            out = out + padded[..., k:k + length] * taps[:, k, None]
+            out = out + padded[..., k : k + length] * taps[:, k, None]
         if bias is not None:
             out = out + bias[:, None]
     else:

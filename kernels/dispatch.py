@@ -28,6 +28,7 @@ from tmconvert.kernels.selective_scan_ref import selective_scan_ref, validate_sc
 class BackendError(ValueError):
     """A requested scan backend is unknown, or cannot run here or on this call."""
 
+
 BACKENDS = ("reference", "triton", "cuda")
 ENV_VAR = "TMCONVERT_SCAN_BACKEND"
 _AUTOMATIC = ("", "auto")

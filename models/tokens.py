@@ -54,8 +54,6 @@ class TokenLayout:
         return index, valid
 
 
-
-
 def resample_abs_pos_embed(
     pos_embed: torch.Tensor,
     new_grid: tuple[int, int],
@@ -85,5 +83,3 @@ def resample_abs_pos_embed(
     grid_part = F.interpolate(grid_part, size=tuple(new_grid), mode=interpolation, antialias=antialias)
     grid_part = grid_part.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
     return torch.cat([prefix, grid_part], dim=1)
-
-

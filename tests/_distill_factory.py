@@ -79,8 +79,9 @@ def recipe(tmp: Path, overrides: list[str] | tuple[str, ...] = (), **flags: Any)
 def request(
     teacher: Path, student: str | Path, data: str, out: Path, loaded: LoadedRecipe, **kw: Any
 ) -> DistillRequest:
-    return DistillRequest(teacher=teacher, student=str(student), data=data, out=out, recipe=loaded,
-                          num_heads=TEACHER.num_heads, **kw)  # fmt: skip
+    return DistillRequest(
+        teacher=teacher, student=str(student), data=data, out=out, recipe=loaded, num_heads=TEACHER.num_heads, **kw
+    )
 
 
 def state_of(path: Path) -> dict[str, torch.Tensor]:

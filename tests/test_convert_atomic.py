@@ -150,8 +150,9 @@ def test_killed_process_leaves_no_output_and_no_temp_file(tmp_path, src, sig):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     args = [str(src), "--to", TARGET, "--heads", "2", "--format", "vim", "--out", str(out_dir / "v.safetensors")]
-    proc = subprocess.Popen([sys.executable, "-c", _DRIVER, *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DRIVER, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         line = proc.stdout.readline().split()
         assert line and line[0] == "WRITING", proc.stderr.read()

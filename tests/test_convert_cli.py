@@ -68,8 +68,13 @@ def test_dry_run_json_is_the_plan(tmp_path, src, capsys, monkeypatch):
     assert names["layers.1.mixer.in_proj.weight"]["kind"] == "initialised"
     assert "blocks.1.mlp.fc1.weight" in plan["dropped"]  # block 1 feeds nothing with --layers 1
     assert plan["partly_used"]["blocks.0.mlp.fc1.weight"] == pytest.approx(32 / 128 * 16 / 32)
-    assert plan["index_sets"]["residual"] == {"full": 32, "keep": 16, "per": "model", "score": "residual",
-                                              "blocks": [None]}  # fmt: skip
+    assert plan["index_sets"]["residual"] == {
+        "full": 32,
+        "keep": 16,
+        "per": "model",
+        "score": "residual",
+        "blocks": [None],
+    }
     assert plan["output_bytes"] == sum(4 * _numel(t["shape"]) for t in plan["tensors"])
     assert not list(tmp_path.glob("*.safetensors"))
 
@@ -135,16 +140,32 @@ def test_layers_must_be_positive(tmp_path, src, capsys):
 def test_source_the_mapping_does_not_accept(tmp_path, capsys):
     cfg = dataclasses.replace(SMALL, layer_scale=True)
     src = write_checkpoint(make_vit_state_dict(cfg), tmp_path / "deit3.safetensors")
-    err = _expect_error(capsys, tmp_path, str(src), "--to", TARGET, "--out", str(tmp_path / "o.safetensors"),
-                        match="accepts only sources with layer_scale = False")  # fmt: skip
+    err = _expect_error(
+        capsys,
+        tmp_path,
+        str(src),
+        "--to",
+        TARGET,
+        "--out",
+        str(tmp_path / "o.safetensors"),
+        match="accepts only sources with layer_scale = False",
+    )
     assert "vit-vim-mlp.yaml:" in err and "requires.source.layer_scale" in err
 
 
 def test_student_wider_than_teacher_is_refused(tmp_path, src, capsys, monkeypatch):
     monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
     register("vim-test-wide", VimConfig(embed_dim=64, depth=2))
-    _expect_error(capsys, tmp_path, str(src), "--to", "vim-test-wide", "--out", str(tmp_path / "o.safetensors"),
-                  match="index_sets.residual: keeps 64 (target.embed_dim) of 32")  # fmt: skip
+    _expect_error(
+        capsys,
+        tmp_path,
+        str(src),
+        "--to",
+        "vim-test-wide",
+        "--out",
+        str(tmp_path / "o.safetensors"),
+        match="index_sets.residual: keeps 64 (target.embed_dim) of 32",
+    )
 
 
 def test_mapping_that_does_not_cover_the_target(tmp_path, src, capsys):
@@ -153,8 +174,18 @@ def test_mapping_that_does_not_cover_the_target(tmp_path, src, capsys):
     end = text.index("  head.weight:")
     broken = tmp_path / "no-norm.yaml"
     broken.write_text(text[:start] + text[end:])
-    _expect_error(capsys, tmp_path, str(src), "--to", TARGET, "--mapping", str(broken),
-                  "--out", str(tmp_path / "o.safetensors"), match="no rule produces norm_f.weight")  # fmt: skip
+    _expect_error(
+        capsys,
+        tmp_path,
+        str(src),
+        "--to",
+        TARGET,
+        "--mapping",
+        str(broken),
+        "--out",
+        str(tmp_path / "o.safetensors"),
+        match="no rule produces norm_f.weight",
+    )
 
 
 def test_shape_mismatch_in_a_mapping(tmp_path, src, capsys):
@@ -164,33 +195,79 @@ def test_shape_mismatch_in_a_mapping(tmp_path, src, capsys):
     )
     broken = tmp_path / "bad-head.yaml"
     broken.write_text(text)
-    err = _expect_error(capsys, tmp_path, str(src), "--to", TARGET, "--mapping", str(broken),
-                        "--out", str(tmp_path / "o.safetensors"),
-                        match="produces (32, 10) but target head.weight is (10, 16)")  # fmt: skip
+    err = _expect_error(
+        capsys,
+        tmp_path,
+        str(src),
+        "--to",
+        TARGET,
+        "--mapping",
+        str(broken),
+        "--out",
+        str(tmp_path / "o.safetensors"),
+        match="produces (32, 10) but target head.weight is (10, 16)",
+    )
     assert f"{broken}:" in err and "tensors.head.weight" in err
 
 
 def test_output_folder_missing_or_read_only(tmp_path, src, capsys):
-    _expect_error(capsys, tmp_path, str(src), "--to", TARGET, "--out", str(tmp_path / "nope" / "o.safetensors"),
-                  match="does not exist")  # fmt: skip
+    _expect_error(
+        capsys,
+        tmp_path,
+        str(src),
+        "--to",
+        TARGET,
+        "--out",
+        str(tmp_path / "nope" / "o.safetensors"),
+        match="does not exist",
+    )
     # /proc refuses new files even for root (a chmod-ed folder would not stop root)
-    _expect_error(capsys, tmp_path, str(src), "--to", TARGET, "--out", "/proc/tmconvert-test.safetensors",
-                  match="/proc/tmconvert-test.safetensors: cannot write")  # fmt: skip
+    _expect_error(
+        capsys,
+        tmp_path,
+        str(src),
+        "--to",
+        TARGET,
+        "--out",
+        "/proc/tmconvert-test.safetensors",
+        match="/proc/tmconvert-test.safetensors: cannot write",
+    )
     if os.geteuid() != 0:
         read_only = tmp_path / "ro"
         read_only.mkdir(mode=0o555)
-        _expect_error(capsys, read_only, str(src), "--to", TARGET, "--out", str(read_only / "o.safetensors"),
-                      match="not writable")  # fmt: skip
+        _expect_error(
+            capsys, read_only, str(src), "--to", TARGET, "--out", str(read_only / "o.safetensors"), match="not writable"
+        )
 
 
 def test_bad_options(tmp_path, src, capsys):
     out = str(tmp_path / "o.safetensors")
     _expect_error(capsys, tmp_path, str(src), "--to", TARGET, "--out", out, "--dtype", "fp8", match="--dtype fp8")
-    _expect_error(capsys, tmp_path, str(src), "--to", TARGET, "--out", out, "--score", "activation",
-                  match="needs calibration images")  # fmt: skip
-    _expect_error(capsys, tmp_path, str(src), "--to", TARGET, "--out", out, "--calib", str(tmp_path / "none"),
-                  match="none: no such data folder")  # fmt: skip
-    _expect_error(capsys, tmp_path, str(src), "--to", TARGET, "--out", out, "--mapping", "nope",
-                  match="unknown mapping 'nope'")  # fmt: skip
-    _expect_error(capsys, tmp_path, str(tmp_path / "missing.pth"), "--to", TARGET, "--out", out,
-                  match="missing.pth")  # fmt: skip
+    _expect_error(
+        capsys,
+        tmp_path,
+        str(src),
+        "--to",
+        TARGET,
+        "--out",
+        out,
+        "--score",
+        "activation",
+        match="needs calibration images",
+    )
+    _expect_error(
+        capsys,
+        tmp_path,
+        str(src),
+        "--to",
+        TARGET,
+        "--out",
+        out,
+        "--calib",
+        str(tmp_path / "none"),
+        match="none: no such data folder",
+    )
+    _expect_error(
+        capsys, tmp_path, str(src), "--to", TARGET, "--out", out, "--mapping", "nope", match="unknown mapping 'nope'"
+    )
+    _expect_error(capsys, tmp_path, str(tmp_path / "missing.pth"), "--to", TARGET, "--out", out, match="missing.pth")

@@ -62,8 +62,15 @@ def _strict_model(cfg: VimConfig, state: dict[str, torch.Tensor]) -> VisionMamba
     ],
 )
 def test_every_source_format_converts_to_a_strict_loading_vim(tmp_path, teacher_sd, fmt, container, naming):
-    src = write_checkpoint(teacher_sd, tmp_path / "teacher", fmt=fmt, container=container, naming=naming,
-                           config=SMALL, hf_prefix="vit" if naming == "hf-legacy" else None)  # fmt: skip
+    src = write_checkpoint(
+        teacher_sd,
+        tmp_path / "teacher",
+        fmt=fmt,
+        container=container,
+        naming=naming,
+        config=SMALL,
+        hf_prefix="vit" if naming == "hf-legacy" else None,
+    )
     cfg, state, meta = _convert(src, HALF, tmp_path / "out.safetensors")
     assert (cfg.embed_dim, cfg.depth, cfg.img_size, cfg.patch_size, cfg.num_classes) == (16, 3, (16, 16), 4, 10)
     model = _strict_model(cfg, state)
@@ -80,11 +87,16 @@ def test_same_width_copies_teacher_weights_exactly(tmp_path, teacher_sd):
     src = write_checkpoint(teacher_sd, tmp_path / "t.safetensors")
     _, state, meta = _convert(src, SAME, tmp_path / "out.safetensors")
     assert meta["index_sets"]["residual"]["indices"]["None"] == list(range(32))  # identity selection
-    for target, source in [("cls_token", "cls_token"), ("patch_embed.proj.weight", "patch_embed.proj.weight"),
-                           ("patch_embed.proj.bias", "patch_embed.proj.bias"), ("norm_f.weight", "norm.weight"),
-                           ("head.weight", "head.weight"), ("head.bias", "head.bias"),
-                           ("layers.0.norm.weight", "blocks.0.norm2.weight"),
-                           ("layers.1.norm.weight", "blocks.1.norm2.weight")]:  # fmt: skip
+    for target, source in [
+        ("cls_token", "cls_token"),
+        ("patch_embed.proj.weight", "patch_embed.proj.weight"),
+        ("patch_embed.proj.bias", "patch_embed.proj.bias"),
+        ("norm_f.weight", "norm.weight"),
+        ("head.weight", "head.weight"),
+        ("head.bias", "head.bias"),
+        ("layers.0.norm.weight", "blocks.0.norm2.weight"),
+        ("layers.1.norm.weight", "blocks.1.norm2.weight"),
+    ]:
         assert torch.equal(state[target], teacher_sd[source]), target
     # in_proj x and z halves: fc1 rows of the 64 kept hidden units (columns untouched, scale 1)
     for layer in (0, 1):

@@ -166,8 +166,9 @@ def test_train_batches_resume_mid_epoch_and_across_epochs():
 
 def test_a_slice_of_any_source_is_a_source(tmp_path):
     whole = open_source("synthetic:10", img_size=(8, 8), num_classes=3)
-    head, tail = open_source("synthetic:10[:-3]", img_size=(8, 8), num_classes=3), open_source(
-        "synthetic:10[-3:]", img_size=(8, 8), num_classes=3
+    head, tail = (
+        open_source("synthetic:10[:-3]", img_size=(8, 8), num_classes=3),
+        open_source("synthetic:10[-3:]", img_size=(8, 8), num_classes=3),
     )
     assert (len(head), len(tail)) == (7, 3)
     assert [tail.label(i) for i in range(3)] == [whole.label(i) for i in range(7, 10)]

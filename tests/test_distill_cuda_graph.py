@@ -45,8 +45,9 @@ def test_graphs_forced_where_impossible_is_a_clear_error(tmp_path):
     teacher = write_teacher(tmp_path / "teacher.safetensors")
     student = convert_student(teacher, tmp_path / "student.safetensors")
     loaded = recipe(tmp_path, ["run.cuda_graph=on"], steps=2, batch_size=4)
-    prepared = prepare_run(request(teacher, student, "synthetic:8", tmp_path / "run", loaded),
-                           DistContext(device=torch.device("cpu")))  # fmt: skip
+    prepared = prepare_run(
+        request(teacher, student, "synthetic:8", tmp_path / "run", loaded), DistContext(device=torch.device("cpu"))
+    )
     with pytest.raises(ConfigError, match="CUDA graphs need one CUDA process"):
         run_distillation(prepared)
     assert not (tmp_path / "run").exists()  # refused before anything was written

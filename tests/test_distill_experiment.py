@@ -32,11 +32,14 @@ def _row(arm: str, seed: int, steps: int, lr: float, top1: float, val: float) ->
 
 def test_rates_are_compared_on_shared_seeds_and_reused_for_other_seeds(experiment, tmp_path):
     rows = [
-        _row("a", 0, 500, 1e-3, 0.80, 0.81), _row("a", 0, 500, 2e-3, 0.82, 0.83),
+        _row("a", 0, 500, 1e-3, 0.80, 0.81),
+        _row("a", 0, 500, 2e-3, 0.82, 0.83),
         # seeds 1 and 2 only at 1e-3, with high hold-out scores: they must not make 1e-3 look better than 2e-3
-        _row("a", 1, 500, 1e-3, 0.90, 0.95), _row("a", 2, 500, 1e-3, 0.90, 0.95),
-        _row("c", 0, 500, 5e-4, 0.86, 0.87), _row("c", 0, 500, 1e-3, 0.85, 0.84),
-    ]  # fmt: skip
+        _row("a", 1, 500, 1e-3, 0.90, 0.95),
+        _row("a", 2, 500, 1e-3, 0.90, 0.95),
+        _row("c", 0, 500, 5e-4, 0.86, 0.87),
+        _row("c", 0, 500, 1e-3, 0.85, 0.84),
+    ]
     results = _write(tmp_path / "results.jsonl", rows)
     groups = experiment._read_rows(results)
     assert experiment._chosen_rate(groups[("a", 500)]) == 2e-3

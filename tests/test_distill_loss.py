@@ -70,8 +70,16 @@ def test_token_alignment_without_teacher_cls_and_with_other_grid():
 def _alignment(pairs, **kw) -> FeatureAlignment:
     model = VisionMamba(VIM, device="meta")
     index, valid = token_alignment(VIM.token_layout(), VIT.token_layout())
-    return FeatureAlignment(pairs, model.scan_orders(), index, valid, student_width=VIM.d_inner,
-                            teacher_width=VIT.embed_dim, projector="identity", **kw)  # fmt: skip
+    return FeatureAlignment(
+        pairs,
+        model.scan_orders(),
+        index,
+        valid,
+        student_width=VIM.d_inner,
+        teacher_width=VIT.embed_dim,
+        projector="identity",
+        **kw,
+    )
 
 
 def _student_tokens(teacher: torch.Tensor) -> torch.Tensor:
@@ -150,8 +158,9 @@ def test_total_loss_is_the_weighted_sum_and_pieces_switch_off():
     teacher_layers = [torch.randn(2, 17, 16) for _ in range(2)]
     directions = [{"fwd": torch.randn(2, 17, 16), "bwd": torch.randn(2, 17, 16)} for _ in range(2)]
     s_logits, t_logits, labels = torch.randn(2, 10), torch.randn(2, 10), torch.tensor([3, 7])
-    loss = DistillationLoss(task=0.5, kd=2.0, feature=3.0, label_smoothing=0.1, temperature=2.0,
-                            alignment=_alignment([(0, 0), (1, 1)]))  # fmt: skip
+    loss = DistillationLoss(
+        task=0.5, kd=2.0, feature=3.0, label_smoothing=0.1, temperature=2.0, alignment=_alignment([(0, 0), (1, 1)])
+    )
     out = loss(s_logits, directions, t_logits, teacher_layers, labels)
     ce = F.cross_entropy(s_logits, labels, label_smoothing=0.1)
     torch.testing.assert_close(out.parts["task"], ce)

@@ -33,8 +33,9 @@ def files(tmp_path_factory) -> tuple[Path, Path]:
 def _cli_process(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     code = f"import sys; from tmconvert.converter.cli import main; sys.exit(main({args!r}))"
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _free_port() -> int:
@@ -44,8 +45,22 @@ def _free_port() -> int:
 
 
 def _args(teacher: Path, student: Path, recipe_file: Path, out: Path, *extra: str) -> list[str]:
-    return ["distill", str(teacher), str(student), "--data", "synthetic:16", "--out", str(out), "--recipe",
-            str(recipe_file), "--heads", "2", "--device", "cpu", *extra]  # fmt: skip
+    return [
+        "distill",
+        str(teacher),
+        str(student),
+        "--data",
+        "synthetic:16",
+        "--out",
+        str(out),
+        "--recipe",
+        str(recipe_file),
+        "--heads",
+        "2",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def test_two_gloo_ranks_train_exactly_like_one_process(files, tmp_path):
@@ -54,8 +69,18 @@ def test_two_gloo_ranks_train_exactly_like_one_process(files, tmp_path):
     loaded = recipe(tmp_path, overrides, steps=4, batch_size=8)
     single = run_distillation(prepare_run(request(teacher, student, "synthetic:16", tmp_path / "single", loaded)))
     port = _free_port()
-    args = _args(teacher, student, tmp_path / "recipe.yaml", tmp_path / "ddp", "--set", overrides[0], "--steps", "4",
-                 "--batch-size", "8")  # fmt: skip
+    args = _args(
+        teacher,
+        student,
+        tmp_path / "recipe.yaml",
+        tmp_path / "ddp",
+        "--set",
+        overrides[0],
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+    )
     torchrun_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
     procs = [_cli_process(args, {**torchrun_env, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in range(2)]
     outputs = [p.communicate(timeout=180) for p in procs]

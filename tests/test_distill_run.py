@@ -90,8 +90,12 @@ def test_output_is_a_converter_format_vim_without_projectors(files, tmp_path):
 
 def test_resume_after_a_stop_ends_where_a_straight_run_ends(files, tmp_path):
     teacher, student = files
-    kw = {"steps": 6, "batch_size": 4, "data": "synthetic:12", "overrides": ["data.augment=pad_crop",
-                                                                             "data.hflip=true"]}  # fmt: skip
+    kw = {
+        "steps": 6,
+        "batch_size": 4,
+        "data": "synthetic:12",
+        "overrides": ["data.augment=pad_crop", "data.hflip=true"],
+    }
     straight = _run(teacher, student, tmp_path, out="straight", **kw)
     first = _run(teacher, student, tmp_path, out="split", stop_after=3, **kw)
     assert not first.finished and first.step == 3 and not first.paths.student.exists()
@@ -195,10 +199,24 @@ def test_shipped_default_recipe_is_the_schema_default():
 def test_cli_distill_and_errors(files, tmp_path, capsys):
     teacher, student = files
     (tmp_path / "r.yaml").write_text("recipe: 1\ndata:\n  workers: 0\n")
-    base = ["distill", str(teacher), str(student), "--data", "synthetic:8", "--recipe", str(tmp_path / "r.yaml"),
-            "--heads", "2", "--batch-size", "4", "--device", "cpu"]  # fmt: skip
-    code = main([*base, "--out", str(tmp_path / "cli"), "--steps", "2", "--pairs", "1:1", "--json",
-                 "--set", "run.log_every=1"])  # fmt: skip
+    base = [
+        "distill",
+        str(teacher),
+        str(student),
+        "--data",
+        "synthetic:8",
+        "--recipe",
+        str(tmp_path / "r.yaml"),
+        "--heads",
+        "2",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+    ]
+    code = main(
+        [*base, "--out", str(tmp_path / "cli"), "--steps", "2", "--pairs", "1:1", "--json", "--set", "run.log_every=1"]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     report = json.loads(captured.out)

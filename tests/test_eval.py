@@ -92,6 +92,14 @@ def test_eval_errors(tmp_path, data, capsys):
 
 
 def test_embedded_teacher_on_fashion_mnist(capsys):
-    report = _eval_json(capsys, str(ROOT / "assets" / "fmnist-vit-t.safetensors"), "--data", "fashion-mnist",
-                        "--limit", "500", "--batch-size", "250")  # fmt: skip
+    report = _eval_json(
+        capsys,
+        str(ROOT / "assets" / "fmnist-vit-t.safetensors"),
+        "--data",
+        "fashion-mnist",
+        "--limit",
+        "500",
+        "--batch-size",
+        "250",
+    )
     assert report["images"] == 500 and report["top1"] > 0.85 and report["top5"] > 0.98  # 91.35 % on all 10,000

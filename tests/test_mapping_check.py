@@ -51,27 +51,40 @@ def test_check_reports_all_semantic_problems_at_once(tmp_path, capsys):
     path = _broken_copy(
         tmp_path,
         [
-            ("default_for: [vim-t, vim-s, vim-b, vim-t-stride8, vim-s-stride8, \"*\"]", "default_for: [vim-q]"),
+            ('default_for: [vim-t, vim-s, vim-b, vim-t-stride8, vim-s-stride8, "*"]', "default_for: [vim-q]"),
             # 1. a source tensor that does not exist
             ("    from: patch_embed.proj.bias\n", "    from: patch_embed.proj.bais\n"),
             # 2. an index set used on an axis of the wrong width (hidden units on the residual axis)
-            ("    from: blocks.{block}.norm2.weight\n    ops: [{select: {dim: 0, set: residual}}]",
-             "    from: blocks.{block}.norm2.weight\n    ops: [{select: {dim: 0, set: hidden}}]"),
+            (
+                "    from: blocks.{block}.norm2.weight\n    ops: [{select: {dim: 0, set: residual}}]",
+                "    from: blocks.{block}.norm2.weight\n    ops: [{select: {dim: 0, set: hidden}}]",
+            ),
             # 2b. a per-block index set where no block exists
-            ("  cls_token:\n    from: cls_token\n    ops: [{select: {dim: 2, set: residual}}]",
-             "  cls_token:\n    from: cls_token\n    ops: [{select: {dim: 2, set: hidden}}]"),
+            (
+                "  cls_token:\n    from: cls_token\n    ops: [{select: {dim: 2, set: residual}}]",
+                "  cls_token:\n    from: cls_token\n    ops: [{select: {dim: 2, set: hidden}}]",
+            ),
             # 3. an unknown index set
-            ("    from: norm.weight\n    ops: [{select: {dim: 0, set: residual}}]",
-             "    from: norm.weight\n    ops: [{select: {dim: 0, set: residdual}}]"),
+            (
+                "    from: norm.weight\n    ops: [{select: {dim: 0, set: residual}}]",
+                "    from: norm.weight\n    ops: [{select: {dim: 0, set: residdual}}]",
+            ),
             # 4. a target tensor no rule produces (D, in inherited and in other layers)
-            ("  layers.{layer}.mixer.D: {init: default, dtype: float32}\n  layers.{layer}.mixer.A_b_log",
-             "  layers.{layer}.mixer.A_b_log"),
+            (
+                "  layers.{layer}.mixer.D: {init: default, dtype: float32}\n  layers.{layer}.mixer.A_b_log",
+                "  layers.{layer}.mixer.A_b_log",
+            ),
             # 5. a tensor produced twice (rest already has an out_proj rule)
-            ("  layers.{layer}.mixer.out_proj.weight: {init: default}\n",
-             "  layers.{layer}.mixer.out_proj.weight: {init: default}\n  layers.{layer}.mixer.out_*: {init: zeros}\n"),
+            (
+                "  layers.{layer}.mixer.out_proj.weight: {init: default}\n",
+                "  layers.{layer}.mixer.out_proj.weight: {init: default}\n"
+                "  layers.{layer}.mixer.out_*: {init: zeros}\n",
+            ),
             # 6. a shape that does not work out (out_proj without the hidden selection)
-            ("      - select: {dim: 1, set: hidden}\n      - scale: {sqrt_ratio: hidden}",
-             "      - scale: {sqrt_ratio: hidden}"),
+            (
+                "      - select: {dim: 1, set: hidden}\n      - scale: {sqrt_ratio: hidden}",
+                "      - scale: {sqrt_ratio: hidden}",
+            ),
             # 7. a rule that matches nothing
             ("  norm_f.weight:", "  norm_g.weight: {init: ones}\n  norm_f.weight:"),
         ],
@@ -123,7 +136,7 @@ def test_check_reports_schema_problems_at_once(tmp_path, capsys):
         "      - select: {dim: 2, set: residual}\n"
         "      - rotate: 90\n"
         "  pos_embed: {init: random}\n"
-        "  head.weight: {from: \"blocks.{blk}.x\"}\n"
+        '  head.weight: {from: "blocks.{blk}.x"}\n'
         "  norm_f.weight: {init: ones}\n"
         "  norm_f.weight: {init: zeros}\n"
     )
@@ -181,8 +194,10 @@ def test_files_are_checked_as_what_they_declare(tmp_path, capsys):
         f"{tmp_path / 'recipe.yaml'}:5: optim.nosuch: Extra inputs are not permitted",
     ]
     assert any("source: Field required" in p for p in mapping)
-    assert typo == [f"{tmp_path / 'typo.yaml'}: not a tmconvert file: expected a YAML mapping that declares "
-                    "`mapping: 1` or `recipe: 1`"]  # fmt: skip
+    assert typo == [
+        f"{tmp_path / 'typo.yaml'}: not a tmconvert file: expected a YAML mapping that declares "
+        "`mapping: 1` or `recipe: 1`"
+    ]
     assert len(bad) == 1 and bad[0].startswith(f"{tmp_path / 'bad.yaml'}:2: not valid YAML")
     assert main(["check", str(tmp_path / "recipe.yaml")]) == 1
     assert "recipe.yaml:4: optim.lr: Input should be greater than 0" in capsys.readouterr().out

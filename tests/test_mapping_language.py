@@ -116,11 +116,31 @@ tensors:
   layers.{layer}.mixer.conv1d.weight: {init: conv_identity}
   layers.{layer}.norm.weight: {init: default}
 """
-_OTHER_MIXER = ("A_log", "D", "A_b_log", "D_b", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
-                "conv1d_b.weight", "conv1d_b.bias", "x_proj_b.weight", "dt_proj_b.weight", "dt_proj_b.bias",
-                "out_proj.weight")  # fmt: skip
-_GLOBALS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "head.weight", "head.bias",
-            "norm_f.weight")  # fmt: skip
+_OTHER_MIXER = (
+    "A_log",
+    "D",
+    "A_b_log",
+    "D_b",
+    "conv1d.bias",
+    "x_proj.weight",
+    "dt_proj.weight",
+    "dt_proj.bias",
+    "conv1d_b.weight",
+    "conv1d_b.bias",
+    "x_proj_b.weight",
+    "dt_proj_b.weight",
+    "dt_proj_b.bias",
+    "out_proj.weight",
+)
+_GLOBALS = (
+    "cls_token",
+    "pos_embed",
+    "patch_embed.proj.weight",
+    "patch_embed.proj.bias",
+    "head.weight",
+    "head.bias",
+    "norm_f.weight",
+)
 _VIT = ViTConfig(embed_dim=4, depth=1, num_heads=1, mlp_hidden=16, patch_size=4, img_size=(8, 8), num_classes=3)
 _VIM = VimConfig(embed_dim=4, depth=1, d_state=2, patch_size=4, img_size=(8, 8), num_classes=3)
 

@@ -39,13 +39,15 @@ def test_wheel_installed_elsewhere_finds_and_checks_its_mappings(tmp_path: Path)
     wheels = tmp_path / "wheels"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     (wheel,) = wheels.glob("tmconvert-*.whl")
     site = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     # -S skips site processing, so the checkout's editable-install hook is not loaded; dependencies come from the
     # venv's site-packages, named explicitly after the installed wheel.
@@ -64,6 +66,9 @@ def test_wheel_installed_elsewhere_finds_and_checks_its_mappings(tmp_path: Path)
 
 
 def test_every_package_folder_of_the_checkout_is_packaged() -> None:
-    folders = {f"tmconvert.{init.parent.relative_to(ROOT)}".replace("/", ".") for init in ROOT.glob("*/**/__init__.py")
-               if init.parts[len(ROOT.parts)] in SETUPTOOLS["package-dir"].values()}  # fmt: skip
+    folders = {
+        f"tmconvert.{init.parent.relative_to(ROOT)}".replace("/", ".")
+        for init in ROOT.glob("*/**/__init__.py")
+        if init.parts[len(ROOT.parts)] in SETUPTOOLS["package-dir"].values()
+    }
     assert folders == set(SETUPTOOLS["packages"])

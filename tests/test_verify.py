@@ -43,8 +43,9 @@ def converted(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_teacher_tokens_are_rearranged_into_the_students_layout() -> None:
     student = VimConfig(embed_dim=16, depth=1, patch_size=4, img_size=(8, 8)).token_layout()  # 4 patches, cls at 2
-    teacher = SMALL.__class__(embed_dim=16, depth=1, num_heads=1, mlp_hidden=16, patch_size=4,
-                              img_size=(8, 8)).token_layout()  # cls at 0
+    teacher = SMALL.__class__(
+        embed_dim=16, depth=1, num_heads=1, mlp_hidden=16, patch_size=4, img_size=(8, 8)
+    ).token_layout()  # cls at 0
     index, valid = student.positions_in(teacher)
     assert index.tolist() == [1, 2, 0, 3, 4] and valid.all()
     other_grid = VimConfig(embed_dim=16, depth=1, patch_size=4, img_size=(12, 12)).token_layout()
@@ -72,7 +73,7 @@ def test_report_matches_an_independent_computation(converted) -> None:
     keep = torch.tensor(keep)
     half = SMALL.num_patches // 2
     t = t_out.layer_tokens[1]
-    t = torch.cat([t[:, 1:1 + half], t[:, :1], t[:, 1 + half:]], dim=1)[..., keep]
+    t = torch.cat([t[:, 1 : 1 + half], t[:, :1], t[:, 1 + half :]], dim=1)[..., keep]
     expected = F.cosine_similarity(s_out.layer_tokens[1].double(), t.double(), dim=-1).mean().item()
     assert report.layers[1].cosine == pytest.approx(expected, abs=1e-9)
     agree = (s_out.logits.argmax(-1) == t_out.logits.argmax(-1)).double().mean().item()

@@ -34,6 +34,7 @@ HF_WEIGHT_FILES = (
 )
 CONFIG_FILE = "config.json"
 
+
 class TensorStore(ABC):
     """Tensors by stored name: metadata up front, data on demand."""
 

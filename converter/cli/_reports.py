@@ -18,7 +18,7 @@ def report_table(report: VerifyReport) -> Table:
         table.add_row(f"backend {name}", "reference" if err == 0.0 else f"rel. error {err:.2e} vs reference")
     if report.layers:
         cells = [f"{s.layer}←{s.block if s.block is not None else '·'} {s.cosine:.3f}" for s in report.layers]
-        rows = [", ".join(cells[i:i + 6]) for i in range(0, len(cells), 6)]
+        rows = [", ".join(cells[i : i + 6]) for i in range(0, len(cells), 6)]
         table.add_row("layer cosine\n(student←teacher block)", "\n".join(rows))
     if report.final_cosine is not None:
         table.add_row("final features cosine", f"{report.final_cosine:.3f}")

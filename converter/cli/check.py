@@ -28,10 +28,15 @@ def check(
     reports = check_files(files or [*shipped_mapping_paths(), *shipped_recipe_paths().values()])
     if as_json:
         payload = [
-            {"path": str(r.path), "kind": r.kind, "ok": r.ok, "pairs": [list(p) for p in r.pairs],
-             "problems": r.problems}
+            {
+                "path": str(r.path),
+                "kind": r.kind,
+                "ok": r.ok,
+                "pairs": [list(p) for p in r.pairs],
+                "problems": r.problems,
+            }
             for r in reports
-        ]  # fmt: skip
+        ]
         console.out(json.dumps({"files": payload}, indent=2), highlight=False)
     else:
         for report in reports:

@@ -131,7 +131,7 @@ def _generic(name: str) -> tuple[str, int | None]:
     m = _LAYER_IN_NAME.match(name)
     if m is None:
         return name, None
-    return f"{m.group(1)}.{{n}}.{name[m.end():]}", int(m.group(2))
+    return f"{m.group(1)}.{{n}}.{name[m.end() :]}", int(m.group(2))
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -240,11 +240,17 @@ def _print_header(prepared: Prepared) -> None:
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column(overflow="fold")
     grid.add_row("source", f"{ckpt.path} ({ckpt.format})")
-    grid.add_row("", f"vit D={s.embed_dim} depth={s.depth} mlp={s.mlp_hidden} {s.img_size[0]}x{s.img_size[1]}px "
-                     f"patch {s.patch_size} classes {s.num_classes}{' distilled' if s.distilled else ''}")  # fmt: skip
-    grid.add_row("target", f"{plan.target.name}: vim D={t.embed_dim} depth={t.depth} E={t.d_inner} "
-                           f"N={t.d_state} {t.img_size[0]}x{t.img_size[1]}px patch {t.patch_size} "
-                           f"classes {t.num_classes}")  # fmt: skip
+    grid.add_row(
+        "",
+        f"vit D={s.embed_dim} depth={s.depth} mlp={s.mlp_hidden} {s.img_size[0]}x{s.img_size[1]}px "
+        f"patch {s.patch_size} classes {s.num_classes}{' distilled' if s.distilled else ''}",
+    )
+    grid.add_row(
+        "target",
+        f"{plan.target.name}: vim D={t.embed_dim} depth={t.depth} E={t.d_inner} "
+        f"N={t.d_state} {t.img_size[0]}x{t.img_size[1]}px patch {t.patch_size} "
+        f"classes {t.num_classes}",
+    )
     grid.add_row("mapping", f"{prepared.mapping.name} ({prepared.mapping.path})")
     options = {k: v for k, v in plan.options.items() if v is not None}
     grid.add_row("options", ", ".join(f"{k}={v}" for k, v in options.items()))
@@ -308,8 +314,9 @@ def _print_report(result: ConversionResult) -> None:
         table.add_row("wrote", f"{path} ({_size(path.stat().st_size)})")
     table.add_row("tensors", ", ".join(f"{v} {k}" for k, v in plan.counts().items()))
     table.add_row("layers", f"{plan.layers.inherited} of {len(plan.layers.blocks)} from teacher blocks")
-    table.add_row("time", f"{result.seconds:.2f} s (" + ", ".join(f"{k} {v:.2f}" for k, v in
-                                                              result.stage_seconds.items()) + ")")  # fmt: skip
+    table.add_row(
+        "time", f"{result.seconds:.2f} s (" + ", ".join(f"{k} {v:.2f}" for k, v in result.stage_seconds.items()) + ")"
+    )
     table.add_row("source sha256", result.source_sha256)
     if result.verification is None:
         table.add_row("verification", "skipped (--no-verify)")

@@ -74,12 +74,26 @@ def distill(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Distil a teacher ViT into a ViM student: task CE + logit KD + adaptive multi-directional feature alignment."""
-    flags = {"steps": steps, "batch_size": batch_size, "optim.lr": lr, "seed": seed,
-             "loss.pairs": parse_pairs(pairs) if pairs is not None else None}  # fmt: skip
+    flags = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "optim.lr": lr,
+        "seed": seed,
+        "loss.pairs": parse_pairs(pairs) if pairs is not None else None,
+    }
     loaded = load_recipe(recipe, overrides or [], flags)
-    request = DistillRequest(teacher=teacher, student=student, data=data, out=out, recipe=loaded, resume=resume,
-                             force=force, stop_after=stop_after, time_limit=time_limit,
-                             num_heads=heads)  # fmt: skip
+    request = DistillRequest(
+        teacher=teacher,
+        student=student,
+        data=data,
+        out=out,
+        recipe=loaded,
+        resume=resume,
+        force=force,
+        stop_after=stop_after,
+        time_limit=time_limit,
+        num_heads=heads,
+    )
     dist = init_distributed(device)
     try:
         prepared = prepare_run(request, dist)
@@ -158,20 +172,32 @@ class _ProgressDisplay:
         if self.live is None:
             err_console.print(f"step {report.step}/{report.total} {escape(line)}", highlight=False, soft_wrap=True)
             return
-        self.bar.update(self.task, total=report.total, completed=report.step,
-                        speed=f"{report.images_per_second:.0f} img/s", eta=_eta(report.eta))  # fmt: skip
+        self.bar.update(
+            self.task,
+            total=report.total,
+            completed=report.step,
+            speed=f"{report.images_per_second:.0f} img/s",
+            eta=_eta(report.eta),
+        )
         self.live.update(Group(self.bar, Text(line)), refresh=True)
 
 
 def _print_result(result: DistillResult) -> None:
     final = result.final
     if result.finished:
-        console.print(f"[bold green]distilled[/] {escape(str(result.paths.student))} ({result.step} steps, "
-                      f"{result.seconds:.1f} s)", highlight=False)  # fmt: skip
+        console.print(
+            f"[bold green]distilled[/] {escape(str(result.paths.student))} ({result.step} steps, "
+            f"{result.seconds:.1f} s)",
+            highlight=False,
+        )
     else:
-        console.print(f"[bold yellow]stopped[/] at step {result.step} of {result.total}; continue with --resume "
-                      f"(checkpoint {escape(str(result.paths.checkpoint))})", highlight=False)  # fmt: skip
+        console.print(
+            f"[bold yellow]stopped[/] at step {result.step} of {result.total}; continue with --resume "
+            f"(checkpoint {escape(str(result.paths.checkpoint))})",
+            highlight=False,
+        )
     if final:
         parts = " ".join(f"{k} {final[k]:.4f}" for k in ("task", "kd", "feature") if k in final)
-        console.print(f"final loss {final['loss']:.4f} ({parts}); metrics in {escape(str(result.paths.metrics))}",
-                      highlight=False)  # fmt: skip
+        console.print(
+            f"final loss {final['loss']:.4f} ({parts}); metrics in {escape(str(result.paths.metrics))}", highlight=False
+        )

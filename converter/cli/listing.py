@@ -29,19 +29,36 @@ def catalogue() -> dict[str, Any]:
     targets = []
     for name in list_models("vim"):
         c = get_config(name)
-        targets.append({
-            "name": name, "embed_dim": c.embed_dim, "depth": c.depth, "d_inner": c.d_inner, "d_state": c.d_state,
-            "patch_size": c.patch_size, "stride": c.resolved_stride, "img_size": list(c.img_size),
-            "num_classes": c.num_classes, "params": _params(name),
-        })  # fmt: skip
+        targets.append(
+            {
+                "name": name,
+                "embed_dim": c.embed_dim,
+                "depth": c.depth,
+                "d_inner": c.d_inner,
+                "d_state": c.d_state,
+                "patch_size": c.patch_size,
+                "stride": c.resolved_stride,
+                "img_size": list(c.img_size),
+                "num_classes": c.num_classes,
+                "params": _params(name),
+            }
+        )
     sources = []
     for name in list_models("vit"):
         c = get_config(name)
-        sources.append({
-            "name": name, "embed_dim": c.embed_dim, "depth": c.depth, "num_heads": c.num_heads,
-            "mlp_hidden": c.mlp_hidden, "patch_size": c.patch_size, "img_size": list(c.img_size),
-            "distilled": c.distilled, "params": _params(name),
-        })  # fmt: skip
+        sources.append(
+            {
+                "name": name,
+                "embed_dim": c.embed_dim,
+                "depth": c.depth,
+                "num_heads": c.num_heads,
+                "mlp_hidden": c.mlp_hidden,
+                "patch_size": c.patch_size,
+                "img_size": list(c.img_size),
+                "distilled": c.distilled,
+                "params": _params(name),
+            }
+        )
     mappings = []
     for path in shipped_mapping_paths():
         try:
@@ -50,10 +67,17 @@ def catalogue() -> dict[str, Any]:
             mappings.append({"name": path.stem, "path": str(path), "error": str(exc).splitlines()[0]})
             continue
         spec = loaded.mapping
-        mappings.append({
-            "name": loaded.name, "path": str(path), "source": spec.source, "target": spec.target,
-            "default_for": spec.default_for, "description": spec.description, "sha256": loaded.sha256,
-        })  # fmt: skip
+        mappings.append(
+            {
+                "name": loaded.name,
+                "path": str(path),
+                "source": spec.source,
+                "target": spec.target,
+                "default_for": spec.default_for,
+                "description": spec.description,
+                "sha256": loaded.sha256,
+            }
+        )
     ops = [{"name": spec.name, "summary": spec.summary} for spec in OPS.values()]
     return {"targets": targets, "sources": sources, "mappings": mappings, "ops": ops}
 
@@ -68,18 +92,35 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON o
     for column in ("name", "D", "depth", "E", "N", "patch/stride", "image", "classes", "params"):
         targets.add_column(column)
     for t in data["targets"]:
-        targets.add_row(t["name"], str(t["embed_dim"]), str(t["depth"]), str(t["d_inner"]), str(t["d_state"]),
-                        f"{t['patch_size']}/{t['stride']}", "x".join(map(str, t["img_size"])), str(t["num_classes"]),
-                        f"{t['params'] / 1e6:.2f}M")  # fmt: skip
+        targets.add_row(
+            t["name"],
+            str(t["embed_dim"]),
+            str(t["depth"]),
+            str(t["d_inner"]),
+            str(t["d_state"]),
+            f"{t['patch_size']}/{t['stride']}",
+            "x".join(map(str, t["img_size"])),
+            str(t["num_classes"]),
+            f"{t['params'] / 1e6:.2f}M",
+        )
     console.print(targets)
-    sources = Table(title="teacher configs (detected from checkpoints; these are the reference sizes)",
-                    title_justify="left")  # fmt: skip
+    sources = Table(
+        title="teacher configs (detected from checkpoints; these are the reference sizes)", title_justify="left"
+    )
     for column in ("name", "D", "depth", "heads", "mlp", "patch", "image", "distilled", "params"):
         sources.add_column(column)
     for s in data["sources"]:
-        sources.add_row(s["name"], str(s["embed_dim"]), str(s["depth"]), str(s["num_heads"]), str(s["mlp_hidden"]),
-                        str(s["patch_size"]), "x".join(map(str, s["img_size"])), "yes" if s["distilled"] else "",
-                        f"{s['params'] / 1e6:.2f}M")  # fmt: skip
+        sources.add_row(
+            s["name"],
+            str(s["embed_dim"]),
+            str(s["depth"]),
+            str(s["num_heads"]),
+            str(s["mlp_hidden"]),
+            str(s["patch_size"]),
+            "x".join(map(str, s["img_size"])),
+            "yes" if s["distilled"] else "",
+            f"{s['params'] / 1e6:.2f}M",
+        )
     console.print(sources)
     mappings = Table(title="mappings (--mapping)", title_justify="left")
     for column in ("name", "converts", "default for", "description"):
@@ -88,8 +129,9 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON o
         if "error" in m:
             mappings.add_row(m["name"], "", "", f"[red]invalid:[/] {m['error']}")
         else:
-            mappings.add_row(m["name"], f"{m['source']} -> {m['target']}", ", ".join(m["default_for"]),
-                             m["description"])  # fmt: skip
+            mappings.add_row(
+                m["name"], f"{m['source']} -> {m['target']}", ", ".join(m["default_for"]), m["description"]
+            )
     console.print(mappings)
     ops = Table(title="mapping ops (see docs/mappings.md)", title_justify="left")
     ops.add_column("op")

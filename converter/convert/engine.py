@@ -217,20 +217,22 @@ def build_metadata(prepared: Prepared, selection: Selection, source_sha256: str)
         }
         for name, s in plan.index_sets.items()
     }
-    return encode_metadata({
-        **header_fields(plan.target.name, plan.target.config),
-        "mapping": prepared.mapping.name,
-        "mapping_sha256": prepared.mapping.sha256,
-        "source": ckpt.path.name,
-        "source_sha256": source_sha256,
-        "source_format": ckpt.format,
-        "source_config": config_json(ckpt.config),
-        "options": {**plan.options, "calib": str(prepared.calib) if prepared.calib is not None else None},
-        "seed": str(request.seed),
-        "layer_plan": [{"layer": j, "block": b} for j, b in enumerate(plan.layers.blocks)],
-        "index_sets": index_sets,
-        "counts": plan.counts(),
-    })
+    return encode_metadata(
+        {
+            **header_fields(plan.target.name, plan.target.config),
+            "mapping": prepared.mapping.name,
+            "mapping_sha256": prepared.mapping.sha256,
+            "source": ckpt.path.name,
+            "source_sha256": source_sha256,
+            "source_format": ckpt.format,
+            "source_config": config_json(ckpt.config),
+            "options": {**plan.options, "calib": str(prepared.calib) if prepared.calib is not None else None},
+            "seed": str(request.seed),
+            "layer_plan": [{"layer": j, "block": b} for j, b in enumerate(plan.layers.blocks)],
+            "index_sets": index_sets,
+            "counts": plan.counts(),
+        }
+    )
 
 
 def execute(

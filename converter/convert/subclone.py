@@ -154,4 +154,3 @@ def choose(
                 per_block[block] = top_k_sorted(scores, request.keep)
         selection[request.name] = per_block
     return selection
-

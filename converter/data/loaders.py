@@ -85,8 +85,15 @@ def train_batches(
             f"{len(dataset)} images do not make one batch of {batch_per_rank * world}; lower the batch size"
         )
     sampler = EpochSampler(dataset, world=world, rank=rank, seed=seed)
-    loader = DataLoader(dataset, batch_size=batch_per_rank, sampler=sampler, drop_last=True, num_workers=workers,
-                        pin_memory=pin_memory, persistent_workers=workers > 0)  # fmt: skip
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_per_rank,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+    )
     epoch, first_batch = divmod(start_step, per_epoch)
     while True:
         sampler.set_position(epoch, first_batch * batch_per_rank)

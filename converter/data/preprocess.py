@@ -49,8 +49,12 @@ class InputSpec:
         return cls(tuple(img_size), channels, mean, std)
 
     def to_json(self) -> dict[str, Any]:
-        return {"img_size": list(self.img_size), "channels": self.channels, "mean": list(self.mean),
-                "std": list(self.std)}  # fmt: skip
+        return {
+            "img_size": list(self.img_size),
+            "channels": self.channels,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
 
 def normalise(images01: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -165,5 +169,3 @@ class Preprocess:
         img = img.resize(resized, Image.Resampling.BICUBIC)
         x0, y0 = (resized[0] - width) // 2, (resized[1] - height) // 2
         return img.crop((x0, y0, x0 + width, y0 + height))
-
-

@@ -92,8 +92,12 @@ class FolderSource:
         return self.labels[index]
 
     def identity(self) -> dict[str, Any]:
-        return {"kind": "folder", "root": str(self.root.resolve()), "images": len(self.files),
-                "classes": list(self.classes) if self.classes else None}  # fmt: skip
+        return {
+            "kind": "folder",
+            "root": str(self.root.resolve()),
+            "images": len(self.files),
+            "classes": list(self.classes) if self.classes else None,
+        }
 
 
 class FashionMnistSource:
@@ -142,8 +146,7 @@ class SyntheticSource:
         return int(self._rng(index).integers(0, self.num_classes)) if self.num_classes else -1
 
     def identity(self) -> dict[str, Any]:
-        return {"kind": "synthetic", "images": self.count, "img_size": list(self.img_size),
-                "classes": self.num_classes}  # fmt: skip
+        return {"kind": "synthetic", "images": self.count, "img_size": list(self.img_size), "classes": self.num_classes}
 
 
 class SliceSource:
@@ -196,5 +199,3 @@ def open_source(
     if kind == "fashion-mnist":
         return FashionMnistSource(split, rest or None)
     return FolderSource(Path(spec))
-
-

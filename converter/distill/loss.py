@@ -180,14 +180,16 @@ class FeatureAlignment(nn.Module):
         losses, sims_out, weights_out = [], {}, {}
         for name in self.directions:
             valid = getattr(self, f"valid_{name}") if self._masked else None
-            sims = torch.stack([
-                masked_token_cosine(
-                    projector(student_directions[s_layer][name]),
-                    self.teacher_in_scan_order(teacher_layers[t_block], name),
-                    valid,
-                )
-                for projector, (s_layer, t_block) in zip(self.projectors, self.pairs, strict=True)
-            ])
+            sims = torch.stack(
+                [
+                    masked_token_cosine(
+                        projector(student_directions[s_layer][name]),
+                        self.teacher_in_scan_order(teacher_layers[t_block], name),
+                        valid,
+                    )
+                    for projector, (s_layer, t_block) in zip(self.projectors, self.pairs, strict=True)
+                ]
+            )
             observed = sims.detach()
             if reduce is not None:
                 observed = reduce(observed)

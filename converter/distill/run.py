@@ -237,8 +237,7 @@ def prepare_run(request: DistillRequest, dist: DistContext | None = None) -> Pre
         rebuilt = build_model(training_cfg, device="meta")
         rebuilt.load_state_dict(student.state_dict(), strict=True, assign=True)
         student = rebuilt
-    source = open_source(request.data, split="train", img_size=teacher_cfg.img_size,
-                         num_classes=stored_cfg.num_classes)  # fmt: skip
+    source = open_source(request.data, split="train", img_size=teacher_cfg.img_size, num_classes=stored_cfg.num_classes)
     notes = _check_fit(teacher_cfg, stored_cfg, recipe, source)
     if steps_per_epoch(len(source), recipe.batch_size // dist.world, dist.world) == 0:
         raise RunError(f"--data {request.data}: {len(source)} images do not make one batch of {recipe.batch_size}")
@@ -298,10 +297,16 @@ class StepReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "step": self.step, "lr": self.lr, "loss": self.loss, **self.parts,
-            "similarities": self.similarities, "weights": self.weights, "grad_norm": self.grad_norm,
-            "images_per_second": round(self.images_per_second, 1), "elapsed": round(self.elapsed, 2),
-        }  # fmt: skip
+            "step": self.step,
+            "lr": self.lr,
+            "loss": self.loss,
+            **self.parts,
+            "similarities": self.similarities,
+            "weights": self.weights,
+            "grad_norm": self.grad_norm,
+            "images_per_second": round(self.images_per_second, 1),
+            "elapsed": round(self.elapsed, 2),
+        }
 
 
 @dataclass
@@ -316,9 +321,17 @@ class DistillResult:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"out": str(self.paths.folder), "student": str(self.paths.student) if self.finished else None,
-                "step": self.step, "steps": self.total, "finished": self.finished, "fingerprint": self.fingerprint,
-                "final": self.final, "seconds": round(self.seconds, 2), "notes": self.notes}  # fmt: skip
+        return {
+            "out": str(self.paths.folder),
+            "student": str(self.paths.student) if self.finished else None,
+            "step": self.step,
+            "steps": self.total,
+            "finished": self.finished,
+            "fingerprint": self.fingerprint,
+            "final": self.final,
+            "seconds": round(self.seconds, 2),
+            "notes": self.notes,
+        }
 
 
 def _run_record(prepared: PreparedRun, dist: DistContext, trainer: Trainer) -> dict[str, Any]:
@@ -388,8 +401,14 @@ def run_distillation(
         if on_note is not None and dist.is_main:
             on_note(note)
 
-    preprocess = Preprocess(prepared.input_spec, train=True, augment=recipe.data.augment, hflip=recipe.data.hflip,
-                            scale=recipe.data.scale, pad=recipe.data.pad)  # fmt: skip
+    preprocess = Preprocess(
+        prepared.input_spec,
+        train=True,
+        augment=recipe.data.augment,
+        hflip=recipe.data.hflip,
+        scale=recipe.data.scale,
+        pad=recipe.data.pad,
+    )
     dataset = ImageDataset(prepared.source, preprocess, seed=recipe.seed)
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = train_batches(
         dataset,
@@ -457,5 +476,6 @@ def run_distillation(
         write_student(paths, trainer.student, cfg, student_metadata(prepared, trainer.step, final))
         metrics.append({"event": "done", "step": trainer.step, "student": str(paths.student)})
     dist.barrier()
-    return DistillResult(paths, trainer.step, total, finished, prepared.fingerprint, final,
-                         time.perf_counter() - start_time, notes)  # fmt: skip
+    return DistillResult(
+        paths, trainer.step, total, finished, prepared.fingerprint, final, time.perf_counter() - start_time, notes
+    )

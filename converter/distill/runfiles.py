@@ -63,11 +63,15 @@ class RunPaths:
         return [self.run, self.recipe, self.metrics, self.checkpoint, self.student, self.sidecar]
 
 
-
 def save_checkpoint(path: Path, state: dict[str, Any], fingerprint: str, parts: dict[str, Any]) -> None:
     """Atomically replace the run's checkpoint."""
-    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "fingerprint": fingerprint,
-               "fingerprint_parts": json.dumps(parts, sort_keys=True), **state}  # fmt: skip
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "fingerprint": fingerprint,
+        "fingerprint_parts": json.dumps(parts, sort_keys=True),
+        **state,
+    }
     with AtomicFile(path, overwrite=True) as file:
         torch.save(payload, file)
 

@@ -62,8 +62,14 @@ def build_loss(
             multi_directional=spec.multi_directional,
             min_similarity=spec.min_similarity,
         )
-    return DistillationLoss(task=spec.task, kd=spec.kd, feature=spec.feature, label_smoothing=spec.label_smoothing,
-                            temperature=spec.temperature, alignment=alignment)  # fmt: skip
+    return DistillationLoss(
+        task=spec.task,
+        kd=spec.kd,
+        feature=spec.feature,
+        label_smoothing=spec.label_smoothing,
+        temperature=spec.temperature,
+        alignment=alignment,
+    )
 
 
 def param_groups(module: StudentWithLoss, weight_decay: float) -> list[dict[str, Any]]:

@@ -111,6 +111,7 @@ def plan_for_names(
     return build_plan(mapping, SourceSide.from_config(source_cfg), target, layers=layers, identity_rest=identity_rest)
 
 
-def registry_pairs(sources: Sequence[str] = ("deit-t", "deit-s", "deit-b"),
-                   targets: Sequence[str] = ("vim-t", "vim-s", "vim-b")) -> list[tuple[str, str]]:  # fmt: skip
+def registry_pairs(
+    sources: Sequence[str] = ("deit-t", "deit-s", "deit-b"), targets: Sequence[str] = ("vim-t", "vim-s", "vim-b")
+) -> list[tuple[str, str]]:
     return [(s, t) for s in sources for t in targets]

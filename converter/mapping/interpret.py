@@ -123,8 +123,14 @@ class FailedIndexSetError(Exception):
 class OpContext:
     """`ops.ResolveContext` for one target tensor: config references, and index sets at the tensor's block."""
 
-    def __init__(self, configs: dict[str, Any], sets: Mapping[str, IndexSetSpec], selection: Any, block: int | None,
-                 failed: frozenset[str] = frozenset()):  # fmt: skip
+    def __init__(
+        self,
+        configs: dict[str, Any],
+        sets: Mapping[str, IndexSetSpec],
+        selection: Any,
+        block: int | None,
+        failed: frozenset[str] = frozenset(),
+    ):
         self.configs = configs
         self.sets = sets
         self.selection = selection
@@ -301,5 +307,3 @@ def _evaluate_concat(node: ConcatNode, ctx: EvalContext, region: Region) -> torc
     except RuntimeError:
         shapes = ", ".join(str(tuple(p.shape)) for p in pieces)
         raise RuleError(f"{node.path}.concat", f"parts {shapes} do not fit together along dim {dim}") from None
-
-

@@ -315,18 +315,47 @@ class OpSpec:
 OPS: dict[str, OpSpec] = {
     spec.name: spec
     for spec in (
-        OpSpec("select", SelectArgs, select, None, "keep the entries of a named index set along a dim",
-               subclones=_drops_entries, set_fields=("set",)),
+        OpSpec(
+            "select",
+            SelectArgs,
+            select,
+            None,
+            "keep the entries of a named index set along a dim",
+            subclones=_drops_entries,
+            set_fields=("set",),
+        ),
         OpSpec("split_qkv", SplitQkvArgs, split_qkv, "part", "Q, K or V rows of a fused qkv tensor"),
         OpSpec("transpose", TransposeArgs, transpose, "dims", "swap two dims"),
         OpSpec("move_token", MoveTokenArgs, move_token, None, "move one token position (cls to the middle)"),
         OpSpec("keep_prefix", KeepPrefixArgs, keep_prefix, None, "drop trailing prefix tokens (dist)"),
-        OpSpec("resample_grid", ResampleGridArgs, resample_grid, None, "resample a position grid",
-               subclones=_shape_changes, reads="all"),
-        OpSpec("resample_kernel", ResampleKernelArgs, resample_kernel, "size", "resample a patch kernel",
-               subclones=_shape_changes, reads="all"),
-        OpSpec("scale", ScaleArgs, scale, "factor", "multiply by a number or sqrt(full/kept) of a set",
-               subclones=_factor_not_one, reads="same", set_fields=("sqrt_ratio",)),
+        OpSpec(
+            "resample_grid",
+            ResampleGridArgs,
+            resample_grid,
+            None,
+            "resample a position grid",
+            subclones=_shape_changes,
+            reads="all",
+        ),
+        OpSpec(
+            "resample_kernel",
+            ResampleKernelArgs,
+            resample_kernel,
+            "size",
+            "resample a patch kernel",
+            subclones=_shape_changes,
+            reads="all",
+        ),
+        OpSpec(
+            "scale",
+            ScaleArgs,
+            scale,
+            "factor",
+            "multiply by a number or sqrt(full/kept) of a set",
+            subclones=_factor_not_one,
+            reads="same",
+            set_fields=("sqrt_ratio",),
+        ),
     )
 }
 
@@ -345,4 +374,3 @@ def parse_op(raw: Any) -> tuple[OpSpec, _Args]:
         field = spec.args.model_fields[spec.shorthand]
         args = {field.alias or spec.shorthand: args}
     return spec, spec.args.model_validate(args)
-

@@ -53,7 +53,6 @@ class OutputPaths:
         return [p for p in (self.weights, self.sidecar, self.pth) if p is not None]
 
 
-
 def header_fields(target: str, config: Any) -> dict[str, Any]:
     """The entries every model file starts with: format, tool version, family, target name and config."""
     return {

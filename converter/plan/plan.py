@@ -384,16 +384,19 @@ def build_plan(
     used_sources: set[str] = set()
 
     for name, shape in target.shapes.items():
-        found = {s: [(path, rule, m) for pat, path, rule in rules if (m := pat.match(name)) is not None]
-                 for s, rules in sections.items()}  # fmt: skip
+        found = {
+            s: [(path, rule, m) for pat, path, rule in rules if (m := pat.match(name)) is not None]
+            for s, rules in sections.items()
+        }
         layer = next((m["layer"] for s in found.values() for _, _, m in s if "layer" in m), None)
         if layer is None and not any(found.values()) and (number := _LAYER_NUMBER.search(name)):
             layer = int(number.group())  # no rule at all: still say which section lacks one
         is_rest = layer is not None and layer_plan.blocks[layer] is None
         globals_ = [c for c in found["tensors"] if "layer" not in c[2]]
         if is_rest:
-            candidates = globals_ + (found["identity_rest"] if identity_rest and found["identity_rest"]
-                                     else found["rest"])  # fmt: skip
+            candidates = globals_ + (
+                found["identity_rest"] if identity_rest and found["identity_rest"] else found["rest"]
+            )
         else:
             candidates = found["tensors"]
         matched_rules.update(path for path, _, _ in found["layer_defaults"])  # a default may go unneeded
@@ -491,8 +494,9 @@ class _Planner:
         except FailedIndexSetError:
             return None
         expr_text = describe(node, ctx.ops.ref)
-        return PlanEntry(name, tuple(shape), rule.dtype or self.dtype, kind, rule_path, node, layer, block, expr_text,
-                         note)  # fmt: skip
+        return PlanEntry(
+            name, tuple(shape), rule.dtype or self.dtype, kind, rule_path, node, layer, block, expr_text, note
+        )
 
 
 def _placeholder_selection(index_sets: dict[str, IndexSetPlan]) -> Callable[[str, int | None], torch.Tensor]:

@@ -27,8 +27,14 @@ class EvalResult:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"images": self.images, "top1": self.top1, "top5": self.top5, "loss": self.loss,
-                "seconds": round(self.seconds, 3), "images_per_second": round(self.images_per_second, 1)}  # fmt: skip
+        return {
+            "images": self.images,
+            "top1": self.top1,
+            "top5": self.top5,
+            "loss": self.loss,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 1),
+        }
 
 
 @torch.no_grad()

@@ -95,8 +95,14 @@ def verify_converted(
     if teacher is not None:
         images_cfg = replace(teacher.config, img_size=cfg.img_size, in_chans=cfg.in_chans)
     else:
-        images_cfg = ViTConfig(img_size=cfg.img_size, in_chans=cfg.in_chans, patch_size=cfg.patch_size,
-                               embed_dim=cfg.embed_dim, num_heads=1, mlp_hidden=cfg.embed_dim)
+        images_cfg = ViTConfig(
+            img_size=cfg.img_size,
+            in_chans=cfg.in_chans,
+            patch_size=cfg.patch_size,
+            embed_dim=cfg.embed_dim,
+            num_heads=1,
+            mlp_hidden=cfg.embed_dim,
+        )
     batches, count = [], 0
     for batch in calibration_batches(calib, images_cfg, seed=seed):
         batches.append(batch[: max_images - count])
