@@ -27,7 +27,7 @@ from PIL import Image
 from tmconvert.converter.checkpoint import open_checkpoint
 from tmconvert.converter.configs import derive_target_config
 from tmconvert.converter.convert.engine import ConvertRequest, convert
-from tmconvert.converter.convert.subclone import build_teacher, uniform_indices
+from tmconvert.converter.convert.subclone import uniform_indices
 from tmconvert.converter.data.calibration import calibration_batches
 from tmconvert.converter.data.fashion_mnist import load_fashion_mnist
 from tmconvert.converter.mapping.files import shipped_mapping_paths
@@ -49,7 +49,7 @@ def write_pngs(split: str, count: int, folder: Path, data_root: str | None) -> P
 @torch.no_grad()
 def norm_choice(ckpt, images: torch.Tensor, device: torch.device) -> dict[str, float]:
     """Mean over blocks and tokens of cos(RMSNorm(x)*w, LN(x)*w + b) and cos(RMSNorm(x)*w, LN(x)*w), x = norm1 input."""
-    vit = build_teacher(ckpt.config, ckpt.get, ckpt.names()).float().to(device).eval()
+    vit = ckpt.model().to(device).eval()
     inputs: list[torch.Tensor] = []
     hooks = [blk.norm1.register_forward_pre_hook(lambda _m, a: inputs.append(a[0])) for blk in vit.blocks]
     vit.forward_all(images)
@@ -73,7 +73,7 @@ def scratch_cosine(ckpt, target: str, images: torch.Tensor, device: torch.device
     """Mean layer cosine of a default-initialised student (uniformly chosen residual channels) vs the teacher."""
     cfg = derive_target_config(target, ckpt.config)
     student = VisionMamba(cfg, seed=seed).to(device).eval()
-    vit = build_teacher(ckpt.config, ckpt.get, ckpt.names()).float().to(device).eval()
+    vit = ckpt.model().to(device).eval()
     s_out, t_out = student.forward_all(images), vit.forward_all(images)
     tokens, _ = cfg.token_layout().positions_in(ckpt.config.token_layout())
     tokens = tokens.to(device)

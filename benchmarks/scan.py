@@ -3,8 +3,8 @@
     source benchmarks/device_env.sh && python3 benchmarks/scan.py [--sweep] [--json results.json]
 
 Times (median of `triton.testing.do_bench`, which flushes the L2 before every timed call, so each call streams its
-inputs from memory) the forward and forward+backward of every backend on the workloads of
-/work/shared/reference/performance.md, next to the memory floor (bytes each pass must move, over the device-to-device
+inputs from memory) the forward and forward+backward of every backend on the workloads of ViM-S/B training,
+VideoMamba and VMamba (`SHAPES` below), next to the memory floor (bytes each pass must move, over the device-to-device
 copy bandwidth measured in the same run), and checks our outputs against mamba-ssm's and the reference's on each
 shape. mamba-ssm is optional: without it the CUDA columns say so. `--sweep` also times alternative launch
 configurations of the Triton kernels (how the shipped defaults were chosen, see docs/kernels.md).

@@ -1,4 +1,8 @@
-"""Reading checkpoints, planning and applying conversions, distillation, and the CLI."""
+"""The tmconvert application: one sub-package per stage of the pipeline (docs/architecture.md).
+
+checkpoint (read) → mapping (the language) → plan → convert (apply) → modelfile (write) → verify; distill and data
+apart from conversion; lint checks YAML files; cli is the edge.
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 

@@ -5,8 +5,9 @@
     path = write_checkpoint(sd, tmp_path / "deit.pth", fmt="torch-zip", container="deit-train")
     path = write_checkpoint(sd, tmp_path / "hf", fmt="hf-dir", naming="hf-legacy", hf_prefix="vit", config=cfg)
 
-The key layouts are written out here from the upstream facts (architectures.md §1.2-1.4) on purpose, independently
-of `tmconvert.converter.checkpoint.naming`, so tests of the reader do not share its table.
+The key layouts are written out here from the upstream models (timm's VisionTransformer and DeiT, transformers'
+ViT/DeiT) on purpose, independently of `tmconvert.converter.checkpoint.naming`, so tests of the reader do not share
+its table.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ SMALL = ViTConfig(embed_dim=32, depth=2, num_heads=2, mlp_hidden=128, patch_size
 
 
 def make_vit_state_dict(cfg: ViTConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Random tensors under timm names with the shapes of architectures.md §1.2, in timm's state_dict order."""
+    """Random tensors under timm names with timm's shapes, in timm's state_dict order."""
     g = torch.Generator().manual_seed(seed)
     d, m = cfg.embed_dim, cfg.mlp_hidden
     prefix = 0 if cfg.no_embed_class else int(cfg.class_token) + int(cfg.distilled)
@@ -275,7 +276,7 @@ def _container(tensors: dict[str, torch.Tensor], container: str, ema: dict[str, 
 def _hf_rename(
     sd: dict[str, torch.Tensor], naming: str, *, hf_prefix: str | None, pooler: bool
 ) -> dict[str, torch.Tensor]:
-    """timm → transformers names (architectures.md §1.4); q/k/v split from the fused qkv rows."""
+    """timm → transformers names (ViTModel / DeiTModel, legacy and v5); q/k/v split from the fused qkv rows."""
     legacy = naming == "hf-legacy"
     has_head = "head.weight" in sd
     prefix = ("vit" if has_head else "") if hf_prefix is None else hf_prefix

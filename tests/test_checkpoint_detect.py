@@ -86,7 +86,7 @@ def test_registered_deit_tiny_distilled_detects_the_published_config(tmp_path: P
     torch.save({"model": model.state_dict()}, tmp_path / "deit_tiny_distilled.pth")
     with open_checkpoint(tmp_path / "deit_tiny_distilled.pth") as ckpt:
         assert ckpt.config == ViTConfig(embed_dim=192, depth=12, num_heads=3, mlp_hidden=768, distilled=True)
-        assert ckpt.num_params == 5_910_800  # architectures.md §1.2
+        assert ckpt.num_params == 5_910_800  # timm's deit_tiny_patch16_224
         assert ckpt.notes == (
             "num_heads 3: assumed from head_dim 64 (shapes cannot tell; --heads / num_heads= overrides)",
             "grid 14×14: pos_embed's 196 patch positions assumed square",

@@ -107,7 +107,7 @@ def test_list_shows_targets_sources_mappings(capsys):
     assert code == 0
     data = json.loads(out)
     vim_t = next(t for t in data["targets"] if t["name"] == "vim-t")
-    assert vim_t["params"] == 7_148_008  # architectures.md §2.1
+    assert vim_t["params"] == 7_148_008  # hustvl/Vim vim_tiny (Vim-T, 1000 classes)
     assert {m["name"] for m in data["mappings"]} >= {"vit-vim-mlp", "vit-vim-attn"}
     assert any(s["name"] == "deit-s" and s["params"] == 22_050_664 for s in data["sources"])
     assert {op["name"] for op in data["ops"]} >= {"select", "split_qkv", "move_token", "resample_grid"}

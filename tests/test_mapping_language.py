@@ -22,7 +22,8 @@ def test_move_token_matches_vims_middle_cls_insertion():
     pos = torch.randn(1, p + 1, d)  # DeiT layout: cls at 0, then 196 patches
     moved = move_token(pos, src=0, dst="middle")
     middle = p // 2
-    expected = torch.cat([pos[:, 1 : 1 + middle], pos[:, 0:1], pos[:, 1 + middle :]], dim=1)  # architectures.md
+    # upstream Vim inserts the cls token at P // 2
+    expected = torch.cat([pos[:, 1 : 1 + middle], pos[:, 0:1], pos[:, 1 + middle :]], dim=1)
     assert torch.equal(moved, expected)
     assert torch.equal(move_token(pos, src=0, dst=98), expected)
     assert move_token(torch.empty(1, 197, 8, device="meta"), src=0, dst=98).shape == (1, 197, 8)

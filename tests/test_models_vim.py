@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tmconvert.models import ModelConfigError, VimConfig, VisionMamba, build_model, get_config, state_dict_shapes
 
 # --------------------------------------------------------------------------------------------------------------------
-# (1) The complete state dict, written out from architectures.md §2.2 (hustvl/Vim@dd0358a)
+# (1) The complete state dict, written out from upstream's models_mamba.py (hustvl/Vim@dd0358a)
 
 
 def expected_vim_table(D: int, E: int, R: int, N: int = 16, K: int = 4, depth: int = 24) -> dict[str, tuple]:
@@ -112,7 +112,7 @@ def ref_branch(x: torch.Tensor, z: torch.Tensor, p: dict[str, torch.Tensor], s: 
 
 
 def ref_vim(sd: dict[str, torch.Tensor], cfg: VimConfig, images: torch.Tensor) -> dict:
-    """Upstream `VisionMamba.forward_features` + head, bimamba v2 with flips, as architectures.md §2.4 writes it."""
+    """Upstream `VisionMamba.forward_features` + head, bimamba v2 with flips, as upstream's fast path computes it."""
     e = cfg.d_inner
     x = F.conv2d(images, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=cfg.resolved_stride)
     x = x.flatten(2).transpose(1, 2)

@@ -1,8 +1,8 @@
 """The stage-2 loss: task cross-entropy, logit KD, and adaptive multi-directional feature alignment.
 
-Feature alignment (TransMamba, method.md §3): for every paired (student layer i, teacher block b) and every scan
-direction m, the direction's branch output (B, L, E) — in its own scan order — goes through a projector to the
-teacher width and is compared token by token, by cosine similarity, with the teacher's block-b output tokens put in
+Feature alignment (TransMamba; docs/method.md, "Stage 2"): for every paired (student layer i, teacher block b) and
+every scan direction m, the direction's branch output (B, L, E), in its own scan order, goes through a projector to
+the teacher width and is compared token by token, by cosine similarity, with the teacher's block-b output tokens put in
 the same scan order. Token order is generic: teacher positions are first mapped to the student's layout (teacher cls
 at 0, ViM cls in the middle; patches by raster position), then permuted by the direction's `scan_orders()` entry,
 so ViM's forward/reversed pair, VMamba's four cross-scans or PlainMamba's zig-zags need no code here.
@@ -66,8 +66,8 @@ def token_alignment(student: TokenLayout, teacher: TokenLayout) -> tuple[torch.T
 
 
 class MLPProjector(nn.Sequential):
-    """Linear(E → D_t) → GELU → Linear(D_t → D_t). Zero-padding the input to D_t first (method.md) would give the
-    same function class, the padded columns never receiving gradient, so the padding is not materialised."""
+    """Linear(E → D_t) → GELU → Linear(D_t → D_t). Zero-padding the input to D_t first (as the paper describes) would
+    give the same function class, the padded columns never receiving gradient, so the padding is not materialised."""
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
