@@ -61,7 +61,3 @@ def storable(name: str) -> DType:
 def from_safetensors(code: str) -> DType | None:
     """The dtype of a safetensors header code, or None for a code torch cannot hold."""
     return _BY_CODE.get(code)
-
-
-def from_torch(dtype: torch.dtype) -> DType:
-    return next(d for d in TABLE if d.torch == dtype)

@@ -33,9 +33,6 @@ class TokenLayout:
         specials = [i for i in (self.cls_index, self.dist_index) if i is not None]
         return len(self.patch_indices) + len(specials)
 
-    def patch_index_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
-        return torch.tensor(self.patch_indices, dtype=torch.long, device=device)
-
     def positions_in(self, source: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """For each position of this sequence, the position of the same token in `source`, and whether it exists.
 

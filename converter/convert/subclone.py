@@ -56,10 +56,10 @@ def _row_norms(weight: torch.Tensor) -> torch.Tensor:
     return weight.float().norm(dim=1)
 
 
-def magnitude_scores(request: IndexSetPlan, block: int | None, get: TensorGetter, cfg: ViTConfig) -> torch.Tensor:
+def magnitude_scores(index_set: IndexSetPlan, block: int | None, get: TensorGetter, cfg: ViTConfig) -> torch.Tensor:
     """Data-free importance of every entry of one set (see the module docstring for the formulas)."""
     d = cfg.embed_dim
-    if request.score == "residual":
+    if index_set.score == "residual":
         score = _row_norms(get("patch_embed.proj.weight").reshape(d, -1))
         for b in range(cfg.depth):
             pre = f"blocks.{b}."
@@ -68,12 +68,12 @@ def magnitude_scores(request: IndexSetPlan, block: int | None, get: TensorGetter
             score += _row_norms(get(pre + "attn.proj.weight")) + _row_norms(get(pre + "mlp.fc2.weight"))
         return score
     pre = f"blocks.{block}."
-    if request.score == "mlp_hidden":
+    if index_set.score == "mlp_hidden":
         return _row_norms(get(pre + "mlp.fc1.weight")) * _col_norms(get(pre + "mlp.fc2.weight"))
-    if request.score == "attn_value":
+    if index_set.score == "attn_value":
         value_rows = get(pre + "attn.qkv.weight")[2 * d : 3 * d]
         return _row_norms(value_rows) * _col_norms(get(pre + "attn.proj.weight"))
-    raise ValueError(f"unknown score signal {request.score!r}")
+    raise ValueError(f"unknown score signal {index_set.score!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,12 +82,12 @@ def magnitude_scores(request: IndexSetPlan, block: int | None, get: TensorGetter
 
 @torch.no_grad()
 def activation_scores(
-    requests: Sequence[IndexSetPlan], teacher: VisionTransformer, batches: Iterator[torch.Tensor]
+    index_sets: Sequence[IndexSetPlan], teacher: VisionTransformer, batches: Iterator[torch.Tensor]
 ) -> dict[tuple[str, int | None], torch.Tensor]:
     """Mean |activation| per entry for every (set, block) requested, from one teacher pass per batch."""
     cfg = teacher.cfg
-    want_hidden = {b for r in requests if r.score == "mlp_hidden" for b in r.blocks}
-    want_value = any(r.score == "attn_value" for r in requests)
+    want_hidden = {b for r in index_sets if r.score == "mlp_hidden" for b in r.blocks}
+    want_value = any(r.score == "attn_value" for r in index_sets)
     sums: dict[tuple[str, int | None], torch.Tensor] = {}
     count = 0
 
@@ -123,7 +123,7 @@ def activation_scores(
 
 
 def choose(
-    requests: Sequence[IndexSetPlan],
+    index_sets: Sequence[IndexSetPlan],
     method: str,
     *,
     get: TensorGetter,
@@ -134,23 +134,23 @@ def choose(
     if method not in SCORE_METHODS:
         raise ValueError(f"unknown score method {method!r}")
     selection: Selection = {}
-    for request in requests:
+    for index_set in index_sets:
         per_block: dict[int | None, torch.Tensor] = {}
-        for block in request.blocks:
-            if request.keep >= request.full:
-                per_block[block] = torch.arange(request.full, dtype=torch.long)
+        for block in index_set.blocks:
+            if index_set.keep >= index_set.full:
+                per_block[block] = torch.arange(index_set.full, dtype=torch.long)
             elif method == "uniform":
-                per_block[block] = uniform_indices(request.full, request.keep)
+                per_block[block] = uniform_indices(index_set.full, index_set.keep)
             else:
                 if method == "activation":
                     assert activations is not None
-                    scores = activations[(request.score, block)]
+                    scores = activations[(index_set.score, block)]
                 else:
-                    scores = magnitude_scores(request, block, get, cfg)
-                if scores.numel() != request.full:
+                    scores = magnitude_scores(index_set, block, get, cfg)
+                if scores.numel() != index_set.full:
                     raise TmconvertError(
-                        f"index set {request.name!r}: {scores.numel()} scores for {request.full} entries"
+                        f"index set {index_set.name!r}: {scores.numel()} scores for {index_set.full} entries"
                     )
-                per_block[block] = top_k_sorted(scores, request.keep)
-        selection[request.name] = per_block
+                per_block[block] = top_k_sorted(scores, index_set.keep)
+        selection[index_set.name] = per_block
     return selection

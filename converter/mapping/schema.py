@@ -247,10 +247,6 @@ class Pattern:
         out.append(re.escape(self.text[pos:]))
         return re.compile("".join(out) + r"\Z")
 
-    @property
-    def per_layer(self) -> bool:
-        return "{layer}" in self.text
-
     def match(self, name: str) -> dict[str, int] | None:
         m = self.regex.match(name)
         if m is None:
