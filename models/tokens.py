@@ -27,18 +27,19 @@ class TokenLayout:
     cls_index: int | None
     patch_indices: tuple[int, ...]
     dist_index: int | None = None
+    reg_indices: tuple[int, ...] = ()  # register tokens (DINOv2 with registers): never paired with anything
 
     @property
     def seq_len(self) -> int:
         specials = [i for i in (self.cls_index, self.dist_index) if i is not None]
-        return len(self.patch_indices) + len(specials)
+        return len(self.patch_indices) + len(specials) + len(self.reg_indices)
 
     def positions_in(self, source: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """For each position of this sequence, the position of the same token in `source`, and whether it exists.
 
         Patches pair by raster index (the grids must match, else ValueError); cls pairs with cls. A cls token that
-        `source` lacks has no counterpart (valid False); a dist token is never paired. This is how a student's
-        tokens line up with a teacher's (ViM's middle cls against DeiT's cls at 0).
+        `source` lacks has no counterpart (valid False); dist and register tokens are never paired. This is how a
+        student's tokens line up with a teacher's (ViM's middle cls against DeiT's cls at 0).
         """
         if tuple(self.grid) != tuple(source.grid):
             raise ValueError(f"patch grids differ: {self.grid[0]}x{self.grid[1]} vs {source.grid[0]}x{source.grid[1]}")

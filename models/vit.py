@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,14 @@ from tmconvert.models.errors import ModelConfigError
 from tmconvert.models.init import init_on_cpu_, seeded_generator
 from tmconvert.models.registry import register, register_family
 from tmconvert.models.tokens import TokenLayout, resample_abs_pos_embed
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's GELU approximation."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "quick_gelu": quick_gelu}
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,10 @@ class ViTConfig:
     no_embed_class: bool = False  # pos_embed covers patches only (prefix tokens get none)
     global_pool: str = "token"  # timm: "token" reads the cls token, "avg" averages the patch tokens
     fc_norm: bool = False  # timm's avg-pool layout: the final norm is `fc_norm` and applied after pooling
+    reg_tokens: int = 0  # DINOv2 registers (`reg_token`, after cls); they never get a position embedding
+    pre_norm: bool = False  # CLIP: `norm_pre` (ln_pre) between the embedding and the blocks
+    patch_bias: bool = True  # CLIP's patch embedding has no bias
+    act: str = "gelu"  # MLP activation: "gelu" (exact erf) or "quick_gelu" (x * sigmoid(1.702 x), OpenAI CLIP)
 
     def __post_init__(self) -> None:
         if isinstance(self.img_size, int):
@@ -55,6 +68,10 @@ class ViTConfig:
             raise ModelConfigError(f"ViT global_pool must be 'token' or 'avg', got {self.global_pool!r}")
         if self.global_pool == "token" and not self.class_token:
             raise ModelConfigError("ViT global_pool 'token' needs class_token=True")
+        if self.act not in ACTIVATIONS:
+            raise ModelConfigError(f"ViT act must be one of {', '.join(ACTIVATIONS)}, got {self.act!r}")
+        if self.reg_tokens < 0 or (self.reg_tokens and self.distilled):
+            raise ModelConfigError(f"ViT reg_tokens {self.reg_tokens}: need >= 0, and none in a distilled ViT")
         if self.distilled and (not self.class_token or self.no_embed_class or self.global_pool != "token"):
             # timm's distilled model has no other layout (its pos_embed always covers both prefix tokens)
             raise ModelConfigError(
@@ -71,7 +88,13 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.class_token) + int(self.distilled)
+        """Tokens before the patches: cls, dist, registers."""
+        return int(self.class_token) + int(self.distilled) + self.reg_tokens
+
+    @property
+    def pos_prefix_tokens(self) -> int:
+        """The prefix slots `pos_embed` covers: cls and dist, unless `no_embed_class` (registers never)."""
+        return 0 if self.no_embed_class else int(self.class_token) + int(self.distilled)
 
     @property
     def head_dim(self) -> int:
@@ -85,11 +108,13 @@ class ViTConfig:
         """Where each token sits in the sequence (prefix tokens first, then patches in raster order)."""
         grid = grid or self.grid
         num_patches = grid[0] * grid[1]
+        first_reg = int(self.class_token) + int(self.distilled)
         return TokenLayout(
             grid=grid,
             cls_index=0 if self.class_token else None,
             dist_index=1 if self.distilled else None,
             patch_indices=tuple(range(self.num_prefix_tokens, self.num_prefix_tokens + num_patches)),
+            reg_indices=tuple(range(first_reg, first_reg + self.reg_tokens)),
         )
 
 
@@ -109,7 +134,9 @@ class PatchEmbed(nn.Module):
     def __init__(self, cfg: ViTConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         p = cfg.patch_size
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=p, stride=p, device=device, dtype=dtype)
+        self.proj = nn.Conv2d(
+            cfg.in_chans, cfg.embed_dim, kernel_size=p, stride=p, bias=cfg.patch_bias, device=device, dtype=dtype
+        )
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         x = self.proj(images)
@@ -140,9 +167,10 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.embed_dim, cfg.mlp_hidden, device=device, dtype=dtype)
         self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.embed_dim, device=device, dtype=dtype)
+        self.act = ACTIVATIONS[cfg.act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as nn.GELU()
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class LayerScale(nn.Module):
@@ -197,9 +225,10 @@ class VisionTransformer(nn.Module):
         d = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg, **kw)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d, **kw)) if cfg.class_token else None
-        pos_len = cfg.num_patches + (0 if cfg.no_embed_class else cfg.num_prefix_tokens)
-        self.pos_embed = nn.Parameter(torch.zeros(1, pos_len, d, **kw))
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, d, **kw)) if cfg.reg_tokens else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.pos_prefix_tokens + cfg.num_patches, d, **kw))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, d, **kw)) if cfg.distilled else None  # timm's key order
+        self.norm_pre = nn.LayerNorm(d, eps=cfg.norm_eps, **kw) if cfg.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg, **kw) for _ in range(cfg.depth))
         self.norm = nn.Identity() if cfg.fc_norm else nn.LayerNorm(d, eps=cfg.norm_eps, **kw)
         self.fc_norm = nn.LayerNorm(d, eps=cfg.norm_eps, **kw) if cfg.fc_norm else nn.Identity()
@@ -221,6 +250,8 @@ class VisionTransformer(nn.Module):
             init_on_cpu_(self.cls_token, nn.init.normal_, gen, std=1e-6)
         if self.dist_token is not None:
             init_on_cpu_(self.dist_token, nn.init.trunc_normal_, gen, std=0.02)
+        if self.reg_token is not None:
+            init_on_cpu_(self.reg_token, nn.init.normal_, gen, std=1e-6)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 init_on_cpu_(module.weight, nn.init.trunc_normal_, gen, std=0.02)
@@ -228,21 +259,29 @@ class VisionTransformer(nn.Module):
                     module.bias.zero_()
             elif isinstance(module, nn.Conv2d):
                 init_on_cpu_(module.weight, nn.init.kaiming_uniform_, gen, a=math.sqrt(5))
-                bound = 1.0 / math.sqrt(module.weight[0].numel())
-                init_on_cpu_(module.bias, nn.init.uniform_, gen, a=-bound, b=bound)
+                if module.bias is not None:
+                    bound = 1.0 / math.sqrt(module.weight[0].numel())
+                    init_on_cpu_(module.bias, nn.init.uniform_, gen, a=-bound, b=bound)
 
     def token_layout(self) -> TokenLayout:
         return self.cfg.token_layout()
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        """[cls, (dist), patches] + pos_embed (or patches + pos_embed only, with `no_embed_class`), registers
+        inserted after cls without a position (DINOv2's order; timm's for its `no_embed_class` register models),
+        then `norm_pre`."""
         x, grid = self.patch_embed(images)
         cfg = self.cfg
-        pos_prefix = 0 if cfg.no_embed_class else cfg.num_prefix_tokens
-        pos_embed = resample_abs_pos_embed(self.pos_embed, grid, cfg.grid, num_prefix_tokens=pos_prefix)
+        pos_embed = resample_abs_pos_embed(self.pos_embed, grid, cfg.grid, num_prefix_tokens=cfg.pos_prefix_tokens)
         prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
         if cfg.no_embed_class:
-            return torch.cat([*prefix, x + pos_embed], dim=1)
-        return torch.cat([*prefix, x], dim=1) + pos_embed
+            x = torch.cat([*prefix, x + pos_embed], dim=1)
+        else:
+            x = torch.cat([*prefix, x], dim=1) + pos_embed
+        if self.reg_token is not None:
+            cls = int(cfg.class_token)
+            x = torch.cat([x[:, :cls], self.reg_token.expand(x.shape[0], -1, -1), x[:, cls:]], dim=1)
+        return self.norm_pre(x)
 
     def _head(self, tokens: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg

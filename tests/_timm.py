@@ -33,6 +33,10 @@ def timm_vit(config: ViTConfig, *, seed: int = 0) -> torch.nn.Module:
     mlp_ratio = config.mlp_hidden / config.embed_dim
     if int(config.embed_dim * mlp_ratio) != config.mlp_hidden:  # timm's Mlp width is int(embed_dim * mlp_ratio)
         raise ValueError(f"mlp_hidden {config.mlp_hidden} is not expressible as a timm mlp_ratio")
+    if config.reg_tokens and not config.no_embed_class:  # timm's pos_embed would cover the registers
+        raise ValueError("timm has no layout with registers and a position embedding over the prefix tokens")
+    if config.pre_norm == config.patch_bias:  # timm drops the patch bias exactly when it adds norm_pre (CLIP)
+        raise ValueError("timm's patch embedding has a bias exactly when there is no pre-norm")
     kwargs = dict(
         img_size=config.img_size,
         patch_size=config.patch_size,
@@ -49,6 +53,9 @@ def timm_vit(config: ViTConfig, *, seed: int = 0) -> torch.nn.Module:
         global_pool=config.global_pool,
         fc_norm=config.fc_norm,
         norm_layer=partial(torch.nn.LayerNorm, eps=config.norm_eps),
+        act_layer=config.act,
+        **({"reg_tokens": config.reg_tokens} if config.reg_tokens else {}),
+        **({"pre_norm": True} if config.pre_norm else {}),
     )
     torch.manual_seed(seed)
     model = VisionTransformerDistilled(**kwargs) if config.distilled else VisionTransformer(**kwargs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -56,6 +58,57 @@ CASES = {
     ),
     "avg-pool-fc-norm": ViTConfig(
         embed_dim=64, depth=2, num_heads=2, mlp_hidden=256, img_size=(32, 32), global_pool="avg", fc_norm=True
+    ),
+    "avg-pool-no-cls": ViTConfig(
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        mlp_hidden=256,
+        img_size=(32, 32),
+        class_token=False,
+        global_pool="avg",
+        fc_norm=True,
+    ),
+    # vit_small_patch14_dinov2 (LayerScale; mask_token is not part of the forward) at a 4x4 grid
+    "dinov2": ViTConfig(
+        embed_dim=96,
+        depth=2,
+        num_heads=3,
+        mlp_hidden=384,
+        patch_size=14,
+        img_size=(56, 56),
+        layer_scale=True,
+        num_classes=0,
+    ),
+    # vit_small_patch14_reg4_dinov2: registers after cls, no position for cls or registers
+    "dinov2-reg-timm": ViTConfig(
+        embed_dim=96,
+        depth=2,
+        num_heads=3,
+        mlp_hidden=384,
+        patch_size=14,
+        img_size=(56, 56),
+        layer_scale=True,
+        reg_tokens=4,
+        no_embed_class=True,
+        num_classes=0,
+    ),
+    # deit3_small_patch16_224: LayerScale, position embedding without the cls slot
+    "deit3": ViTConfig(
+        embed_dim=96, depth=2, num_heads=3, mlp_hidden=384, img_size=(32, 32), layer_scale=True, no_embed_class=True
+    ),
+    # vit_base_patch16_clip_quickgelu_224 (OpenAI CLIP image tower): ln_pre, no patch bias, QuickGELU, eps 1e-5
+    "clip-quickgelu": ViTConfig(
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        mlp_hidden=256,
+        img_size=(32, 32),
+        pre_norm=True,
+        patch_bias=False,
+        act="quick_gelu",
+        norm_eps=1e-5,
+        num_classes=0,
     ),
 }
 
@@ -189,3 +242,22 @@ def test_invalid_configs_raise_config_error() -> None:
         ViTConfig(class_token=False)
     with pytest.raises(ModelConfigError, match="distilled"):
         ViTConfig(distilled=True, no_embed_class=True)
+
+
+def test_dinov2_original_register_layout_equals_timms_conversion() -> None:
+    """DINOv2's own layout (pos_embed over cls and patches, `register_tokens` without a position) is read as is
+    (`no_embed_class=False` + registers); timm folds cls's position into the token instead. Same function."""
+    import_timm()
+    from timm.models.vision_transformer import _convert_dinov2
+
+    original = dataclasses.replace(CASES["dinov2-reg-timm"], no_embed_class=False)
+    ours = VisionTransformer(original).eval()
+    randomize_(ours, seed=7)
+    state = {("register_tokens" if k == "reg_token" else k): v for k, v in ours.state_dict().items()}
+    assert state["pos_embed"].shape == (1, 1 + original.num_patches, original.embed_dim)
+    reference = timm_vit(CASES["dinov2-reg-timm"])
+    reference.load_state_dict(_convert_dinov2({**state, "mask_token": torch.zeros(1, 96)}, reference), strict=True)
+    x = images(original)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), **TOL)
+        torch.testing.assert_close(ours.forward_all(x).final_tokens, reference.forward_features(x), **TOL)

@@ -25,14 +25,17 @@ TEACHER = REPO / "assets" / "fmnist-vit-t.safetensors"
 MAPPING = REPO / "mappings" / "vit-vim-mlp.yaml"  # the default for vim-t
 MAPPING_SHA256_AT_PIN = "566963140c412d21576aebd8b627b1ea7fdfd2de956a675068855eea7976d838"
 
+# Pin history: set before the restructure into per-stage packages (which changed no byte); updated once when the
+# teacher config gained reg_tokens / pre_norm / patch_bias / act, which every file records in `source_config`
+# (the tensors did not change: the .pth pin, weights only, stayed the same).
 # README main job: `bin/tmconvert assets/fmnist-vit-t.safetensors --to vim-t`
-MAIN_JOB_SHA256 = "a62ad036e6868d15d868f8f100a8122c12f7b528644fca22eb383c4ee5c83b6c"
-MAIN_JOB_SIDECAR_SHA256 = "2fa630eefc3ebeb7d3b8329608a2a5ae57a907fdd9befd3a9f570b52b9665707"
+MAIN_JOB_SHA256 = "ff088e4956224ae62c2033d7bdeb57934f8facbd8587b36594fec07ae5ca3e87"
+MAIN_JOB_SIDECAR_SHA256 = "cd0b227e78aca836d07a18f892c6842b43abfbc1b9032ab9312c05a7175442b5"
 # `--format vim`: the same conversion plus the upstream-Vim `{'model': state_dict}` .pth
-VIM_SAFETENSORS_SHA256 = "cf25da6a3b89ee4a23e4e919ed69aec6d0746feefe1dbec08883896b68e41f46"
+VIM_SAFETENSORS_SHA256 = "0e1716cbeef734cee9b6e101f948c81d0f650cfb890c450f70b33f17ab1b5381"
 VIM_PTH_SHA256 = "4a662b38b1a0e7de7010778faf46f4f7f58c5044214754654b375debefabeb9f"
 # `tmconvert distill` of the main job's student, 3 steps on synthetic images
-DISTILLED_SHA256 = "8d3556896a0deab8c02bbfdff255bd3185dfd81d268dc82f53e4f7aadd8c93db"
+DISTILLED_SHA256 = "26848d0a8a6043fd7f27ab3acfd3e755b3e95e5c458a3b5d95b4bad3057dba59"
 
 RECIPE = "recipe: 1\nbatch_size: 8\nsteps: 3\ndata:\n  workers: 0\nrun:\n  log_every: 1\n"
 
