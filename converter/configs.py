@@ -27,7 +27,9 @@ def derive_target_config(
 
     Widths, depth and SSM sizes come from the registry (that is what "vim-t" means); image size, patch size, input
     channels and class count follow the teacher, so a 28-px Fashion-MNIST teacher gives a ViM that reads the same
-    images and predicts the same classes. A registry stride (overlapping patches) keeps its ratio to the patch.
+    images and predicts the same classes. A registry stride (overlapping patches) keeps its ratio to the patch. A
+    teacher without a class token (average pooling) gives a student without one, pooling by mean as upstream ViM
+    can (`if_cls_token=False`, `final_pool_type='mean'`).
     """
     base = get_config(name)
     if family_of(base) in TEACHER_FAMILIES:
@@ -36,9 +38,16 @@ def derive_target_config(
     stride = None if base.stride is None else max(1, base.stride * patch // base.patch_size)
     classes = num_classes if num_classes is not None else source.num_classes
     size = (img_size, img_size) if img_size is not None else source.img_size
+    pooling = {} if source.class_token else {"cls_position": "none"}
     try:
         return dataclasses.replace(
-            base, img_size=size, patch_size=patch, stride=stride, in_chans=source.in_chans, num_classes=classes
+            base,
+            img_size=size,
+            patch_size=patch,
+            stride=stride,
+            in_chans=source.in_chans,
+            num_classes=classes,
+            **pooling,
         )
     except ModelConfigError as exc:
         raise ConfigError(f"target {name}: {exc}") from None

@@ -322,3 +322,29 @@ for _size, _dims in {"t": (192, 3), "s": (384, 6), "b": (768, 12)}.items():
     )
     register(f"deit-{_size}", _base)  # timm deit_{tiny,small,base}_patch16_224
     register(f"deit-{_size}-distilled", dataclasses.replace(_base, distilled=True))
+    if _size != "t":  # timm deit3_{small,base}_patch16_224: LayerScale, no position for the cls token
+        register(f"deit3-{_size}", dataclasses.replace(_base, layer_scale=True, no_embed_class=True))
+        # timm vit_{small,base}_patch14_dinov2 (LVD-142M, headless), and the small one with 4 registers
+        dinov2 = dataclasses.replace(_base, patch_size=14, img_size=(518, 518), layer_scale=True, num_classes=0)
+        register(f"dinov2-{_size}", dinov2)
+        if _size == "s":
+            register("dinov2-s-reg4", dataclasses.replace(dinov2, reg_tokens=4, no_embed_class=True))
+# timm vit_base_patch16_clip_quickgelu_224 (OpenAI CLIP ViT-B/16 image tower, without its projection)
+register(
+    "clip-b16",
+    ViTConfig(
+        embed_dim=768,
+        num_heads=12,
+        depth=12,
+        mlp_hidden=3072,
+        pre_norm=True,
+        patch_bias=False,
+        act="quick_gelu",
+        norm_eps=1e-5,
+        num_classes=0,
+    ),
+)
+# timm vit_base_patch16_gap_224: no class token, average pooling
+register(
+    "vit-b-gap", ViTConfig(embed_dim=768, num_heads=16, depth=12, mlp_hidden=3072, class_token=False, global_pool="avg")
+)

@@ -138,19 +138,16 @@ def test_layers_must_be_positive(tmp_path, src, capsys):
 
 
 def test_source_the_mapping_does_not_accept(tmp_path, capsys):
+    """A mapping's `requires` refuses sources it was not written for, naming the file, line and field."""
+    strict = tmp_path / "no-layerscale.yaml"
+    text = MLP_MAPPING.read_text()
+    strict.write_text(text.replace("options:\n", "requires:\n  source: {layer_scale: false}\noptions:\n", 1))
     cfg = dataclasses.replace(SMALL, layer_scale=True)
     src = write_checkpoint(make_vit_state_dict(cfg), tmp_path / "deit3.safetensors")
-    err = _expect_error(
-        capsys,
-        tmp_path,
-        str(src),
-        "--to",
-        TARGET,
-        "--out",
-        str(tmp_path / "o.safetensors"),
-        match="accepts only sources with layer_scale = False",
-    )
-    assert "vit-vim-mlp.yaml:" in err and "requires.source.layer_scale" in err
+    out = str(tmp_path / "o.safetensors")
+    args = (str(src), "--to", TARGET, "--mapping", str(strict), "--out", out)
+    err = _expect_error(capsys, tmp_path, *args, match="accepts only sources with layer_scale = False")
+    assert "no-layerscale.yaml:" in err and "requires.source.layer_scale" in err
 
 
 def test_student_wider_than_teacher_is_refused(tmp_path, src, capsys, monkeypatch):

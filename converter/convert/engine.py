@@ -185,8 +185,9 @@ def iter_target_tensors(
         return default_state[name]
 
     for entry in entries:
-        ops_ctx = OpContext(configs, plan.index_sets, lambda s, b: selection[s][b], entry.block)
-        ctx = EvalContext(_OncePerEntry(load), default, ops_ctx, meta=False)
+        once = _OncePerEntry(load)
+        ops_ctx = OpContext(configs, plan.index_sets, lambda s, b: selection[s][b], entry.block, load=once)
+        ctx = EvalContext(once, default, ops_ctx, meta=False)
         tensor = evaluate(entry.node, ctx, Region(entry.name, entry.shape))
         yield entry.name, tensor.to(dtypes.storable(entry.dtype).torch).contiguous()
 

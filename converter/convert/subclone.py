@@ -9,7 +9,8 @@ teacher signal ranks them. This module computes the scores and turns them into s
   vectors of the attention.
 - `magnitude` (no data, the default): weight norms of what reads and writes the channel. `residual` channel c:
   sum over blocks of |norm1.w[c]|*||qkv[:, c]|| + |norm2.w[c]|*||fc1[:, c]|| + ||proj[c, :]|| + ||fc2[c, :]||,
-  plus ||patch_embed[c]||; hidden unit u: ||fc1[u, :]|| * ||fc2[:, u]||; value channel v: ||V[v, :]|| * ||proj[:, v]||.
+  plus ||patch_embed[c]||; hidden unit u: ||fc1[u, :]|| * ||fc2[:, u]||; value channel v: ||V[v, :]|| * ||proj[:, v]||
+  (proj and fc2 times their LayerScale gammas, when the teacher has them).
 - `uniform` (weight selection, Xu et al. 2024): evenly spaced indices, no scores at all.
 
 Selection keeps the `keep` highest scores, ties broken by the lower index, and returns them sorted; keeping every
@@ -56,6 +57,15 @@ def _row_norms(weight: torch.Tensor) -> torch.Tensor:
     return weight.float().norm(dim=1)
 
 
+def _written(get: TensorGetter, cfg: ViTConfig, block: int, branch: str) -> torch.Tensor:
+    """What a residual branch writes into the stream: `attn.proj` / `mlp.fc2`, times LayerScale where there is one
+    (so a LayerScale teacher and the same network with its gammas folded in score alike)."""
+    weight = get(f"blocks.{block}.{'attn.proj' if branch == 'attn' else 'mlp.fc2'}.weight").float()
+    if cfg.layer_scale:
+        weight = weight * get(f"blocks.{block}.{'ls1' if branch == 'attn' else 'ls2'}.gamma").float()[:, None]
+    return weight
+
+
 def magnitude_scores(index_set: IndexSetPlan, block: int | None, get: TensorGetter, cfg: ViTConfig) -> torch.Tensor:
     """Data-free importance of every entry of one set (see the module docstring for the formulas)."""
     d = cfg.embed_dim
@@ -65,14 +75,14 @@ def magnitude_scores(index_set: IndexSetPlan, block: int | None, get: TensorGett
             pre = f"blocks.{b}."
             score += get(pre + "norm1.weight").float().abs() * _col_norms(get(pre + "attn.qkv.weight"))
             score += get(pre + "norm2.weight").float().abs() * _col_norms(get(pre + "mlp.fc1.weight"))
-            score += _row_norms(get(pre + "attn.proj.weight")) + _row_norms(get(pre + "mlp.fc2.weight"))
+            score += _row_norms(_written(get, cfg, b, "attn")) + _row_norms(_written(get, cfg, b, "mlp"))
         return score
-    pre = f"blocks.{block}."
+    assert block is not None
     if index_set.score == "mlp_hidden":
-        return _row_norms(get(pre + "mlp.fc1.weight")) * _col_norms(get(pre + "mlp.fc2.weight"))
+        return _row_norms(get(f"blocks.{block}.mlp.fc1.weight")) * _col_norms(_written(get, cfg, block, "mlp"))
     if index_set.score == "attn_value":
-        value_rows = get(pre + "attn.qkv.weight")[2 * d : 3 * d]
-        return _row_norms(value_rows) * _col_norms(get(pre + "attn.proj.weight"))
+        value_rows = get(f"blocks.{block}.attn.qkv.weight")[2 * d : 3 * d]
+        return _row_norms(value_rows) * _col_norms(_written(get, cfg, block, "attn"))
     raise ValueError(f"unknown score signal {index_set.score!r}")
 
 

@@ -67,10 +67,17 @@ def describe(node: Node, resolve: Callable[[Any], Any] | None = None) -> str:
 
 
 def node_sources(node: Node) -> list[str]:
+    """Every source tensor an expression reads: each `from:` and the tensors its ops name."""
+    return [name for name, _ in source_paths(node)]
+
+
+def source_paths(node: Node) -> list[tuple[str, str]]:
+    """(source tensor, YAML path that names it) for every source an expression reads."""
     if isinstance(node, SourceNode):
-        return [node.name]
+        named_by_ops = [(s, f"{node.path}.ops[{i}]") for i, op in enumerate(node.ops) for s in op.referenced_sources()]
+        return [(node.name, f"{node.path}.from"), *named_by_ops]
     if isinstance(node, ConcatNode):
-        return [s for p in node.parts for s in node_sources(p)]
+        return [s for p in node.parts for s in source_paths(p)]
     return []
 
 
@@ -85,12 +92,18 @@ def node_inits(node: Node) -> list[str]:
 def bind(expr: Any, path: str, binding: dict[str, int]) -> Node:
     """A rule expression with its placeholders filled from `binding` ({"layer": j, "block": b}), as nodes."""
     if isinstance(expr, FromExpr):
+        where = "a rule outside per-layer patterns" if "layer" not in binding else "a layer no teacher block feeds"
         try:
             name = fill_template(expr.source, binding)
         except KeyError as exc:
-            where = "a rule outside per-layer patterns" if "layer" not in binding else "a layer no teacher block feeds"
             raise RuleError(f"{path}.from", f"placeholder {{{exc.args[0]}}} has no value in {where}") from None
-        return SourceNode(name, tuple(expr.ops), path, expr.size)
+        ops = []
+        for i, op in enumerate(expr.ops):
+            try:
+                ops.append(op.bound(binding))
+            except KeyError as exc:
+                raise RuleError(f"{path}.ops[{i}]", f"placeholder {{{exc.args[0]}}} has no value in {where}") from None
+        return SourceNode(name, tuple(ops), path, expr.size)
     if isinstance(expr, InitExpr):
         return InitNode(expr.init, path, expr.size)
     assert isinstance(expr, ConcatExpr)
@@ -130,12 +143,19 @@ class OpContext:
         selection: Any,
         block: int | None,
         failed: frozenset[str] = frozenset(),
+        load: Callable[[str], torch.Tensor] | None = None,
     ):
         self.configs = configs
         self.sets = sets
         self.selection = selection
         self.block = block
         self.failed = failed
+        self.load = load
+
+    def source(self, name: str) -> torch.Tensor:
+        if self.load is None:
+            raise ValueError(f"source tensor {name} cannot be read here")
+        return self.load(name)
 
     def ref(self, value: Any) -> Any:
         if not is_ref(value):

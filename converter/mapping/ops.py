@@ -44,6 +44,9 @@ class ResolveContext(Protocol):
     def set_ratio(self, set_name: str) -> float:
         """full / kept width of a named index set."""
 
+    def source(self, name: str) -> torch.Tensor:
+        """Another source tensor (float32; meta while planning), by its bound name."""
+
 
 class _Args(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
@@ -133,12 +136,17 @@ def concat(pieces: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
 
 
 def keep_prefix(tensor: torch.Tensor, *, prefix: int, keep: int, dim: int = 1) -> torch.Tensor:
-    """Of `prefix` leading tokens keep the first `keep` (drops DeiT's dist slot: cls, dist, patches -> cls, patches)."""
-    if keep > prefix:
-        raise ValueError(f"cannot keep {keep} of {prefix} prefix tokens")
+    """Make the `prefix` leading tokens `keep` long: keep the first `keep` (cls, dist, patches -> cls, patches), or,
+    when there are fewer, put zero slots in front (a position embedding without a cls slot gets one that adds
+    nothing: DeiT-III and timm's DINOv2 with registers fold the cls position into the token itself)."""
     if tensor.shape[dim] < prefix:
         raise ValueError(f"a sequence of {tensor.shape[dim]} tokens has no {prefix} prefix tokens")
-    return concat([tensor.narrow(dim, 0, keep), tensor.narrow(dim, prefix, tensor.shape[dim] - prefix)], dim=dim)
+    rest = tensor.narrow(dim, prefix, tensor.shape[dim] - prefix)
+    if keep <= prefix:
+        return concat([tensor.narrow(dim, 0, keep), rest], dim=dim)
+    pad_shape = list(tensor.shape)
+    pad_shape[dim] = keep - prefix
+    return concat([tensor.new_zeros(pad_shape), tensor.narrow(dim, 0, prefix), rest], dim=dim)
 
 
 def resample_grid(
@@ -173,6 +181,20 @@ def resample_kernel(tensor: torch.Tensor, *, size: tuple[int, int]) -> torch.Ten
     pinv = torch.linalg.pinv(resize_matrix.T.double()).float()  # (new_hw, old_hw)
     flat = tensor.float().reshape(-1, old[0] * old[1])
     return (flat @ pinv.T).reshape(*tensor.shape[:2], *size).to(tensor.dtype)
+
+
+def scale_by(tensor: torch.Tensor, *, factor: torch.Tensor, dim: int) -> torch.Tensor:
+    """Multiply each entry along `dim` by the matching entry of the 1-D `factor` (folds LayerScale into a matrix:
+    `diag(gamma) @ W` is `scale_by(W, factor=gamma, dim=0)`)."""
+    if not -tensor.dim() <= dim < tensor.dim():
+        raise ValueError(f"dim {dim} out of range for a {tensor.dim()}-d tensor")
+    if factor.dim() != 1 or factor.shape[0] != tensor.shape[dim]:
+        raise ValueError(
+            f"a factor of shape {tuple(factor.shape)} cannot scale the {tensor.shape[dim]} entries of dim {dim}"
+        )
+    shape = [1] * tensor.dim()
+    shape[dim] = -1
+    return tensor.clone().mul_(factor.reshape(shape).to(tensor.dtype))
 
 
 def scale(tensor: torch.Tensor, *, factor: float) -> torch.Tensor:
@@ -249,6 +271,14 @@ class ResampleKernelArgs(_Args):
         return {"size": _as_grid(ctx.ref(self.size), "resample_kernel.to")}
 
 
+class ScaleByArgs(_Args):
+    by: str = Field(description="a source tensor name (may use {layer} / {block}), 1-D")
+    dim: int
+
+    def resolve(self, ctx: ResolveContext) -> dict[str, Any]:
+        return {"factor": ctx.source(self.by), "dim": self.dim}
+
+
 class ScaleArgs(_Args):
     factor: float | None = None
     sqrt_ratio: str | None = Field(default=None, description="index set name: multiply by sqrt(full / kept)")
@@ -283,6 +313,10 @@ def _drops_entries(_kwargs: dict[str, Any], before: torch.Tensor, after: torch.T
     return after.numel() < before.numel()
 
 
+def _always(_kwargs: dict[str, Any], _before: torch.Tensor, _after: torch.Tensor) -> bool:
+    return True
+
+
 def _factor_not_one(kwargs: dict[str, Any], _before: torch.Tensor, _after: torch.Tensor) -> bool:
     return kwargs["factor"] != 1.0
 
@@ -299,7 +333,8 @@ class OpSpec:
     plan's "subcloned" kind); a pure re-layout (transpose, a fixed Q/K/V part, moving a token) does not.
     `reads`: which entries of its input the output is made of, for the plan's usage report: `moved` (the op's own
     output, run on element ids, says which), `same` (every output entry is its input entry, values changed) or
-    `all` (outputs mix many inputs, e.g. resampling). `set_fields`: the arguments that name an index set.
+    `all` (outputs mix many inputs, e.g. resampling). `set_fields`: the arguments that name an index set;
+    `source_fields`: the arguments that name another source tensor (read whole, bound like `from:`).
     """
 
     name: str
@@ -310,6 +345,7 @@ class OpSpec:
     subclones: Subclones = _never
     reads: Literal["moved", "same", "all"] = "moved"
     set_fields: tuple[str, ...] = ()
+    source_fields: tuple[str, ...] = ()
 
 
 OPS: dict[str, OpSpec] = {
@@ -327,7 +363,7 @@ OPS: dict[str, OpSpec] = {
         OpSpec("split_qkv", SplitQkvArgs, split_qkv, "part", "Q, K or V rows of a fused qkv tensor"),
         OpSpec("transpose", TransposeArgs, transpose, "dims", "swap two dims"),
         OpSpec("move_token", MoveTokenArgs, move_token, None, "move one token position (cls to the middle)"),
-        OpSpec("keep_prefix", KeepPrefixArgs, keep_prefix, None, "drop trailing prefix tokens (dist)"),
+        OpSpec("keep_prefix", KeepPrefixArgs, keep_prefix, None, "keep or zero-pad the prefix slots (dist, no cls)"),
         OpSpec(
             "resample_grid",
             ResampleGridArgs,
@@ -345,6 +381,16 @@ OPS: dict[str, OpSpec] = {
             "resample a patch kernel",
             subclones=_shape_changes,
             reads="all",
+        ),
+        OpSpec(
+            "scale_by",
+            ScaleByArgs,
+            scale_by,
+            None,
+            "multiply along a dim by another (1-D) source tensor, e.g. fold LayerScale",
+            subclones=_always,
+            reads="same",
+            source_fields=("by",),
         ),
         OpSpec(
             "scale",

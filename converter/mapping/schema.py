@@ -76,6 +76,8 @@ class OpCall(_Model):
                 for e in exc.errors()
             )
             raise ValueError(f"{name}: {problems}") from None
+        for field in spec.source_fields:
+            _check_placeholders(getattr(args, field), _SOURCE_PLACEHOLDERS)
         return {"name": spec.name, "args": args}
 
     @property
@@ -86,6 +88,17 @@ class OpCall(_Model):
         """The index sets this call names (the op declares which of its arguments name one)."""
         values = (getattr(self.args, field) for field in self.spec.set_fields)
         return [value for value in values if value is not None]
+
+    def referenced_sources(self) -> list[str]:
+        """The other source tensors this call reads (name templates until bound)."""
+        return [getattr(self.args, field) for field in self.spec.source_fields]
+
+    def bound(self, binding: dict[str, int]) -> OpCall:
+        """This call with `{layer}` / `{block}` filled in the source tensors it names (KeyError: a missing value)."""
+        if not self.spec.source_fields:
+            return self
+        filled = {field: fill_template(getattr(self.args, field), binding) for field in self.spec.source_fields}
+        return self.model_copy(update={"args": self.args.model_copy(update=filled)})
 
     def describe(self, resolve: Callable[[Any], Any] | None = None) -> str:
         """`select(dim=0, set=hidden)`; with `resolve`, config references show their values (`to=98`)."""

@@ -36,6 +36,7 @@ from tmconvert.converter.mapping.interpret import (
     evaluate,
     node_inits,
     node_sources,
+    source_paths,
     walk,
 )
 from tmconvert.converter.mapping.ops import OpSpec
@@ -191,6 +192,9 @@ class Plan:
         largest_out = max((e.nbytes for e in self.entries), default=0)
         return target_fp32 + max(3 * largest + largest_out, teacher)
 
+    def _meta_load(self, name: str) -> torch.Tensor:
+        return torch.empty(self.source.shapes[name], device="meta")
+
     def source_usage(self) -> dict[str, float]:
         """Source tensors only partly read (Q/K rows of qkv, unselected channels): name -> fraction of entries used.
 
@@ -200,7 +204,9 @@ class Plan:
         configs = {"source": self.source.config, "target": self.target.config}
         masks: dict[str, torch.Tensor] = {}
         for entry in self.entries:
-            ops_ctx = OpContext(configs, self.index_sets, _placeholder_selection(self.index_sets), entry.block)
+            ops_ctx = OpContext(
+                configs, self.index_sets, _placeholder_selection(self.index_sets), entry.block, load=self._meta_load
+            )
             for node, _ in walk(entry.node):
                 if not isinstance(node, SourceNode):
                     continue
@@ -465,7 +471,7 @@ class _Planner:
         self, name: str, shape: tuple[int, ...], rule: Rule, rule_path: str, layer: int | None, block: int | None
     ) -> PlanEntry | None:
         """The plan entry for target `name` made by `rule` (None, with the problem recorded, when it fails)."""
-        ops = OpContext(self.configs, self.index_sets, self.placeholder, block, self.failed_sets)
+        ops = OpContext(self.configs, self.index_sets, self.placeholder, block, self.failed_sets, self._meta_load)
         ctx = EvalContext(self._meta_load, lambda _n: torch.empty(0), ops, True)
         expr, expr_path, note = rule.expr, rule_path, ""
         if rule.when is not None:
@@ -480,10 +486,9 @@ class _Planner:
         binding = {k: v for k, v in (("layer", layer), ("block", block)) if v is not None}
         try:
             node = bind(expr, expr_path, binding)
-            for leaf in node_sources(node):
+            for leaf, leaf_path in source_paths(node):
                 if leaf not in self.source.shapes:
-                    leaf_path = next(n.path for n, _ in walk(node) if isinstance(n, SourceNode) and n.name == leaf)
-                    raise RuleError(f"{leaf_path}.from", f"source tensor {leaf} does not exist in this checkpoint")
+                    raise RuleError(leaf_path, f"source tensor {leaf} does not exist in this checkpoint")
             produced = evaluate(node, ctx, Region(name, shape))
             if tuple(produced.shape) != tuple(shape):
                 raise RuleError(expr_path, f"produces {tuple(produced.shape)} but target {name} is {tuple(shape)}")
