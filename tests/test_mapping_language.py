@@ -215,3 +215,18 @@ def test_layer_defaults_fill_what_a_layers_section_leaves_out(tmp_path):
         assert rule[f"layers.{layer}.mixer.A_log"] == "layer_defaults.layers.{layer}.mixer.A_log"
         assert rule[f"layers.{layer}.norm.weight"] == "layer_defaults.layers.{layer}.norm.weight"
     assert plan.unused_rules == []  # the conv1d default is shadowed in both layers, which is not a mistake
+
+
+def test_drops_explain_dropped_tensors_first_match_wins(tmp_path):
+    rules = "".join(f"  layers.{{layer}}.mixer.{n}: {{init: default}}\n" for n in _OTHER_MIXER)
+    rules += "".join(f"  {n}: {{init: default}}\n" for n in _GLOBALS)
+    rules += 'drops:\n  "blocks.*.mlp.*": MLP unused\n  "blocks.*.*.bias": biases\n  "*": everything else\n'
+    plan = _mini_plan(tmp_path, rules)
+    assert not plan.problems
+    why = plan.drop_reasons()
+    assert why["blocks.*.mlp.*"] == ("MLP unused", [n for n in plan.dropped if n.startswith("blocks.0.mlp.")])
+    assert (
+        "blocks.0.mlp.fc1.bias" not in why["blocks.*.*.bias"][1] and "blocks.0.norm1.bias" in why["blocks.*.*.bias"][1]
+    )
+    assert sorted(n for _, names in why.values() for n in names) == sorted(plan.dropped)
+    assert plan.to_json()["dropped_why"]["*"]["why"] == "everything else"

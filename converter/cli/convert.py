@@ -226,8 +226,10 @@ def _folded(names: list[str], suffix: dict[str, str] | None = None) -> str:
 
 def _dropped_lines(plan: Plan) -> list[str]:
     usage = plan.source_usage()
+    why = [f"  {_folded(names)}: {reason}" for reason, names in plan.drop_reasons().values()]
     return [
         f"dropped source tensors ({len(plan.dropped)}): {_folded(plan.dropped)}",
+        *why,
         f"partly used source tensors ({len(usage)}): "
         + _folded(list(usage), {name: f" ({fraction:.0%} used)" for name, fraction in usage.items()}),
     ]

@@ -47,6 +47,7 @@ def check_mapping(loaded: LoadedMapping) -> tuple[list[tuple[str, str]], list[st
     by_path: dict[str, tuple[str, list[str]]] = {}
     used_rules: set[str] = set()
     all_rules: set[str] = set()
+    used_drops: set[str] = set()
     runs = 0
     for source, target in pairs:
         for distilled, identity_rest in ((False, False), (_can_distil(source), True)):
@@ -67,12 +68,16 @@ def check_mapping(loaded: LoadedMapping) -> tuple[list[tuple[str, str]], list[st
             rules = {f"{s}.{p}" for s in RULE_SECTIONS for p in getattr(spec, s)}
             all_rules |= rules
             used_rules |= rules - set(plan.unused_rules)
+            used_drops |= set(plan.drop_reasons())
     for path, (message, labels) in by_path.items():
         scope = "" if len(labels) == runs else f" [{', '.join(labels)}]"
         where = loaded.where(path) if path else str(loaded.path)
         problems.append(f"{where}: {message}{scope}")
     for rule in sorted(all_rules - used_rules, key=lambda r: loaded.line_of(r) or 0):
         problems.append(f"{loaded.where(rule)}: matches no target tensor in any checked pair")
+    for pattern in spec.drops:
+        if pattern not in used_drops:
+            problems.append(f"{loaded.where(f'drops.{pattern}')}: matches no dropped source tensor in any checked pair")
     used_sets = referenced_sets(loaded)
     for name in spec.index_sets:
         if name not in used_sets:

@@ -57,7 +57,7 @@ def format_yaml_path(loc: Iterable[Any]) -> str:
     return out
 
 
-_SECTIONS_WITH_PATTERN_KEYS = ("tensors", "rest", "identity_rest", "layer_defaults", "index_sets")
+_SECTIONS_WITH_PATTERN_KEYS = ("tensors", "rest", "identity_rest", "layer_defaults", "index_sets", "drops")
 
 
 def _parse_yaml_path(text: str) -> tuple[Any, ...]:

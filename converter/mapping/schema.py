@@ -222,6 +222,9 @@ class Mapping(_Model):
     layer_defaults: dict[str, Rule] = Field(
         default_factory=dict, description="per-layer rules for every layer that `tensors` / `rest` leave unproduced"
     )
+    drops: dict[str, str] = Field(
+        default_factory=dict, description="source tensors left out on purpose: glob pattern -> why (shown in plans)"
+    )
 
     @field_validator("tensors", "rest", "identity_rest", "layer_defaults")
     @classmethod

@@ -10,6 +10,7 @@ executes. Problems are collected, not raised one by one, so `tmconvert check` ca
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 import re
 from collections.abc import Callable
@@ -164,6 +165,16 @@ class Plan:
         cfg = self.source.config
         return f"vit(D={cfg.embed_dim}, depth={cfg.depth}, {cfg.img_size[0]}px/{cfg.patch_size})"
 
+    def drop_reasons(self) -> dict[str, tuple[str, list[str]]]:
+        """The `drops` patterns that match dropped tensors: pattern -> (why, the tensors); the first match wins."""
+        out: dict[str, tuple[str, list[str]]] = {}
+        for name in self.dropped:
+            for pattern, why in self.mapping.mapping.drops.items():
+                if fnmatch.fnmatchcase(name, pattern):
+                    out.setdefault(pattern, (why, []))[1].append(name)
+                    break
+        return out
+
     def counts(self) -> dict[str, int]:
         out = {kind: 0 for kind in KINDS}
         for entry in self.entries:
@@ -247,6 +258,7 @@ class Plan:
                 for e in self.entries
             ],
             "dropped": self.dropped,
+            "dropped_why": {p: {"why": why, "tensors": names} for p, (why, names) in self.drop_reasons().items()},
             "partly_used": {name: round(f, 4) for name, f in self.source_usage().items()},
             "counts": self.counts(),
             "output_bytes": self.output_bytes,
