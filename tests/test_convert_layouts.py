@@ -4,15 +4,17 @@ pre-norm and bias-free patch embedding, average pooling; each result loads stric
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests._ckpt_factory import SMALL, make_vit_state_dict, write_checkpoint
+from tmconvert.converter.cli import main
 from tmconvert.converter.convert.engine import ConvertRequest, convert
 from tmconvert.converter.modelfile.converted import load_converted
-from tmconvert.models import VisionMamba, ViTConfig, build_model
+from tmconvert.models import VisionMamba, ViTConfig, build_model, resample_abs_pos_embed
 from tmconvert.models import registry as registry_module
 from tmconvert.models.registry import register
 from tmconvert.models.vim import VimConfig
@@ -101,3 +103,33 @@ def test_every_layout_converts_loads_strictly_and_runs(tmp_path, layout, mapping
     if not cfg.patch_bias:
         assert not state["patch_embed.proj.bias"].any()  # CLIP: no bias is a zero bias
     assert metadata["source_config"]["reg_tokens"] == cfg.reg_tokens
+
+
+def test_a_position_grid_of_any_size_is_resampled_to_the_students(tmp_path):
+    """DINOv2's 37x37 grid at 518 px becomes the 16x16 grid of a 224-px student (patch 14): timm's resampling."""
+    cfg = dataclasses.replace(SMALL, depth=1, patch_size=14, img_size=(518, 518), layer_scale=True, num_classes=0)
+    sd = make_vit_state_dict(cfg, seed=2)
+    target_cfg, state, metadata = _convert(sd, cfg, tmp_path, "dinov2-518", img_size=224)
+    assert target_cfg.grid == (16, 16) and state["pos_embed"].shape == (1, 16 * 16 + 1, 16)
+    channels = torch.tensor(metadata["index_sets"]["residual"]["indices"]["None"])
+    grid = resample_abs_pos_embed(sd["pos_embed"], (16, 16), (37, 37), num_prefix_tokens=1)[0, 1:]
+    patches = torch.cat(
+        [state["pos_embed"][0, : target_cfg.cls_index], state["pos_embed"][0, target_cfg.cls_index + 1 :]]
+    )
+    torch.testing.assert_close(patches, grid[:, channels])
+
+
+def test_a_register_layerscale_teacher_distils_and_evaluates(tmp_path, capsys):
+    """The teacher forward runs for distillation and `eval` (DINOv2 with registers, LayerScale, a head)."""
+    cfg = dataclasses.replace(SMALL, layer_scale=True, reg_tokens=2, no_embed_class=True)
+    teacher = write_checkpoint(make_vit_state_dict(cfg, seed=4), tmp_path / "teacher.safetensors")
+    student = tmp_path / "student.safetensors"
+    convert(ConvertRequest(source=teacher, target=HALF, out=student, num_heads=cfg.num_heads))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("recipe: 1\nsteps: 2\nbatch_size: 4\ndata:\n  workers: 0\n")
+    run = tmp_path / "run"
+    args = ["distill", str(teacher), str(student), "--data", "synthetic:8", "--out", str(run), "--recipe", str(recipe)]
+    assert main([*args, "--device", "cpu", "--heads", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["finished"]
+    assert main(["eval", str(teacher), "--data", "synthetic:8", "--heads", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 8
