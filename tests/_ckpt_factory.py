@@ -5,9 +5,9 @@
     path = write_checkpoint(sd, tmp_path / "deit.pth", fmt="torch-zip", container="deit-train")
     path = write_checkpoint(sd, tmp_path / "hf", fmt="hf-dir", naming="hf-legacy", hf_prefix="vit", config=cfg)
 
-The key layouts are written out here from the upstream models (timm's VisionTransformer and DeiT, transformers'
-ViT/DeiT) on purpose, independently of `tmconvert.converter.checkpoint.naming`, so tests of the reader do not share
-its table.
+The key layouts are written out here from the upstream models (timm's VisionTransformer and DeiT, facebookresearch
+DINOv2, OpenAI CLIP, transformers' ViT / DeiT / Dinov2 / Dinov2WithRegisters / CLIP) on purpose, independently of
+`tmconvert.converter.checkpoint.naming`, so tests of the reader do not share its table.
 """
 
 from __future__ import annotations
@@ -35,7 +35,18 @@ FORMATS = (
     "hf-dir-bin-sharded",  # path = folder: config.json + sharded pytorch_model.bin
 )
 CONTAINERS = ("flat", "model", "state_dict", "model_ema", "state_dict_ema", "deit-train")
-NAMINGS = ("timm", "deit3", "hf-legacy", "hf-v5")  # deit3: timm with the released `gamma_1/gamma_2` LayerScale names
+NAMINGS = (
+    "timm",
+    "deit3",  # timm with the released `gamma_1/gamma_2` LayerScale names
+    "dinov2-fb",  # facebookresearch DINOv2 hub weights: timm names, `register_tokens`, a `mask_token`
+    "hf-legacy",  # transformers ViTModel / DeiTModel hub files
+    "hf-v5",  # transformers 5 ViT / DeiT `state_dict()` names
+    "hf-dinov2",  # transformers Dinov2Model / Dinov2WithRegistersModel hub files
+    "hf-dinov2-v5",  # the same, transformers 5 names
+    "openai-clip",  # OpenAI CLIP / OpenCLIP state dict: the image tower under `visual.`
+    "hf-clip",  # transformers CLIPVisionModel(WithProjection) / CLIPModel
+)
+CLIP_EMBED = 16  # width of CLIP's joint image-text space (`visual.proj`, `visual_projection`)
 
 SMALL = ViTConfig(embed_dim=32, depth=2, num_heads=2, mlp_hidden=128, patch_size=4, img_size=(16, 16), num_classes=10)
 
@@ -44,15 +55,20 @@ def make_vit_state_dict(cfg: ViTConfig, seed: int = 0, dtype: torch.dtype = torc
     """Random tensors under timm names with timm's shapes, in timm's state_dict order."""
     g = torch.Generator().manual_seed(seed)
     d, m = cfg.embed_dim, cfg.mlp_hidden
-    prefix = 0 if cfg.no_embed_class else int(cfg.class_token) + int(cfg.distilled)
+    prefix = 0 if cfg.no_embed_class else int(cfg.class_token) + int(cfg.distilled)  # registers never get a position
     shapes: dict[str, tuple[int, ...]] = {}
     if cfg.class_token:
         shapes["cls_token"] = (1, 1, d)
+    if cfg.reg_tokens:
+        shapes["reg_token"] = (1, cfg.reg_tokens, d)
     shapes["pos_embed"] = (1, cfg.num_patches + prefix, d)
     if cfg.distilled:
         shapes["dist_token"] = (1, 1, d)
     shapes["patch_embed.proj.weight"] = (d, cfg.in_chans, cfg.patch_size, cfg.patch_size)
-    shapes["patch_embed.proj.bias"] = (d,)
+    if cfg.patch_bias:
+        shapes["patch_embed.proj.bias"] = (d,)
+    if cfg.pre_norm:
+        shapes["norm_pre.weight"] = shapes["norm_pre.bias"] = (d,)
     for i in range(cfg.depth):
         b = f"blocks.{i}."
         shapes[b + "norm1.weight"] = shapes[b + "norm1.bias"] = (d,)
@@ -88,12 +104,15 @@ def rename(
     hf_prefix: str | None = None,
     pooler: bool = False,
     linear_patch: bool = False,
+    text_tower: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """timm-named tensors → the names (and split q/k/v) of `naming`.
+    """timm-named tensors → the names (and split q/k/v, CLIP's shapes) of `naming`.
 
     hf_prefix: 'vit' / 'deit' for the *ForImageClassification layouts, '' for a headless ViTModel (default: 'vit'
-    with a head, '' without). pooler: add a random `pooler.dense` (HF ViTModel). linear_patch: store the patch
-    embedding as timm's old 2-D linear patchify weight.
+    with a head, '' without); for DINOv2 'dinov2' / 'dinov2_with_registers' or '' (default ''), for HF CLIP
+    'vision_model' (default) or '' (transformers 5 CLIPVisionModel). pooler: add a random `pooler.dense` (HF
+    ViTModel). linear_patch: store the patch embedding as timm's old 2-D linear patchify weight. text_tower: CLIP
+    only, write a whole CLIP model: a random text tower and both projections besides the image tower.
     """
     out = dict(state_dict)
     if linear_patch:
@@ -103,13 +122,30 @@ def rename(
         return out
     if naming == "deit3":
         return {re.sub(r"\.ls([12])\.gamma$", r".gamma_\1", name): t for name, t in out.items()}
+    if naming == "dinov2-fb":
+        d = out["pos_embed"].shape[-1]
+        renamed = {("register_tokens" if name == "reg_token" else name): t for name, t in out.items()}
+        return {**renamed, "mask_token": torch.randn(1, d)}
+    if naming in ("hf-dinov2", "hf-dinov2-v5"):
+        return _hf_dinov2_rename(out, v5=naming == "hf-dinov2-v5", hf_prefix=hf_prefix or "")
+    if naming == "openai-clip":
+        return _openai_clip_rename(out, text_tower=text_tower)
+    if naming == "hf-clip":
+        return _hf_clip_rename(out, text_tower=text_tower, hf_prefix="vision_model" if hf_prefix is None else hf_prefix)
     if naming not in ("hf-legacy", "hf-v5"):
         raise ValueError(f"unknown naming {naming!r}; expected one of {NAMINGS}")
     return _hf_rename(out, naming, hf_prefix=hf_prefix, pooler=pooler)
 
 
-def hf_config(cfg: ViTConfig, *, model_type: str = "vit", layer_norm_eps: float | None = None) -> dict[str, object]:
-    """A transformers ViTConfig/DeiTConfig config.json for `cfg` (layer_norm_eps omitted → HF default applies)."""
+def hf_config(
+    cfg: ViTConfig, *, model_type: str = "vit", layer_norm_eps: float | None = None, hidden_act: str | None = "gelu"
+) -> dict[str, object]:
+    """A transformers config.json for `cfg` (layer_norm_eps / hidden_act None → omitted, the HF default applies).
+
+    model_type: 'vit' / 'deit' (ViTConfig, DeiTConfig), 'dinov2' / 'dinov2_with_registers' (the MLP width as
+    `mlp_ratio`, `layerscale_value`, `use_swiglu_ffn`, `num_register_tokens`), 'clip_vision_model'
+    (CLIPVisionConfig) or 'clip' (a CLIPConfig: the image tower's settings in `vision_config`).
+    """
     height, width = cfg.img_size
     config: dict[str, object] = {
         "model_type": model_type,
@@ -117,14 +153,31 @@ def hf_config(cfg: ViTConfig, *, model_type: str = "vit", layer_norm_eps: float 
         "num_hidden_layers": cfg.depth,
         "num_attention_heads": cfg.num_heads,
         "intermediate_size": cfg.mlp_hidden,
-        "hidden_act": "gelu",
         "image_size": height if height == width else [height, width],
         "patch_size": cfg.patch_size,
         "num_channels": cfg.in_chans,
         "qkv_bias": cfg.qkv_bias,
     }
+    if hidden_act is not None:
+        config["hidden_act"] = hidden_act
     if layer_norm_eps is not None:
         config["layer_norm_eps"] = layer_norm_eps
+    if model_type.startswith("dinov2"):
+        del config["intermediate_size"]
+        config.update(mlp_ratio=cfg.mlp_hidden / cfg.embed_dim, layerscale_value=1.0, use_swiglu_ffn=False)
+        if model_type == "dinov2_with_registers":
+            config["num_register_tokens"] = cfg.reg_tokens
+    if model_type.startswith("clip"):
+        del config["qkv_bias"]
+        config["projection_dim"] = CLIP_EMBED
+    if model_type == "clip":
+        vision = {**config, "model_type": "clip_vision_model"}
+        return {
+            "model_type": "clip",
+            "projection_dim": CLIP_EMBED,
+            "text_config": {"hidden_size": 8},
+            "vision_config": vision,
+        }
     return config
 
 
@@ -142,6 +195,9 @@ def write_checkpoint(
     linear_patch: bool = False,
     config: ViTConfig | None = None,
     layer_norm_eps: float | None = None,
+    hidden_act: str | None = "gelu",
+    model_type: str | None = None,
+    text_tower: bool = False,
     shards: int = 2,
 ) -> Path:
     """Write timm-named `state_dict` as a checkpoint; returns the path to hand to `open_checkpoint`.
@@ -149,7 +205,9 @@ def write_checkpoint(
     container 'deit-train' is a facebookresearch DeiT training checkpoint: model, model_ema (`ema_state_dict`, by
     default the model's tensors + 1 so tests can tell them apart), optimizer, lr_scheduler, scaler, epoch and
     `args` (an argparse.Namespace). wrapper_prefix ('module.', '_orig_mod.') is put before every name. For the
-    hf-dir formats a config.json is written when `config` is given (model_type 'deit' if hf_prefix is 'deit').
+    hf-dir formats a config.json is written when `config` is given (model_type by default from the naming:
+    'deit' if hf_prefix is 'deit', 'dinov2' or 'dinov2_with_registers' for the DINOv2 namings, 'clip_vision_model'
+    for hf-clip, else 'vit').
     """
     path = Path(path)
     if fmt not in FORMATS:
@@ -158,15 +216,17 @@ def write_checkpoint(
         raise ValueError(f"unknown container {container!r}; expected one of {CONTAINERS}")
 
     def prepare(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        named = rename(sd, naming, hf_prefix=hf_prefix, pooler=pooler, linear_patch=linear_patch)
+        named = rename(sd, naming, hf_prefix=hf_prefix, pooler=pooler, linear_patch=linear_patch, text_tower=text_tower)
         return {wrapper_prefix + name: t.contiguous().clone() for name, t in named.items()}
 
     tensors = prepare(state_dict)
     if fmt.startswith("hf-dir"):
         path.mkdir(parents=True, exist_ok=True)
         if config is not None:
-            model_type = "deit" if hf_prefix == "deit" else "vit"
-            text = json.dumps(hf_config(config, model_type=model_type, layer_norm_eps=layer_norm_eps), indent=2)
+            if model_type is None:
+                model_type = _default_model_type(naming, hf_prefix, config)
+            written = hf_config(config, model_type=model_type, layer_norm_eps=layer_norm_eps, hidden_act=hidden_act)
+            text = json.dumps(written, indent=2)
             (path / "config.json").write_text(text)
         inner = {
             "hf-dir": "safetensors",
@@ -328,4 +388,162 @@ def _hf_rename(
         d = sd["norm.weight"].shape[0]
         out[f"{base}pooler.dense.weight"] = torch.randn(d, d)
         out[f"{base}pooler.dense.bias"] = torch.randn(d)
+    return out
+
+
+def _default_model_type(naming: str, hf_prefix: str | None, config: ViTConfig) -> str:
+    if naming.startswith("hf-dinov2"):
+        return "dinov2_with_registers" if config.reg_tokens else "dinov2"
+    if naming == "hf-clip":
+        return "clip_vision_model"
+    return "deit" if hf_prefix == "deit" else "vit"
+
+
+def _blocks(sd: dict[str, torch.Tensor]) -> list[tuple[str, str, str, torch.Tensor]]:
+    """(block index, module, param, tensor) of the timm block tensors, in order."""
+    found = (re.match(r"^blocks\.(\d+)\.(.+)\.(weight|bias|gamma)$", name) for name in sd)
+    return [(*m.groups(), sd[m.group(0)]) for m in found if m]
+
+
+def _hf_dinov2_rename(sd: dict[str, torch.Tensor], *, v5: bool, hf_prefix: str) -> dict[str, torch.Tensor]:
+    """timm (facebookresearch) DINOv2 → transformers Dinov2Model / Dinov2WithRegistersModel (`hf_prefix` 'dinov2' /
+    'dinov2_with_registers' as in their *ForImageClassification); always with `embeddings.mask_token` (1, D)."""
+    if "head.weight" in sd:
+        raise ValueError("transformers' Dinov2 classifier reads 2×D features; add `classifier.*` by hand")
+    base = f"{hf_prefix}." if hf_prefix else ""
+    d = sd["pos_embed"].shape[-1]
+    attention = (
+        ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj")
+        if v5
+        else (
+            "attention.attention.query",
+            "attention.attention.key",
+            "attention.attention.value",
+            "attention.output.dense",
+        )
+    )
+    block_names = {
+        "norm1": "norm1",
+        "attn.proj": attention[3],
+        "ls1": "layer_scale1",
+        "norm2": "norm2",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+        "ls2": "layer_scale2",
+    }
+    out = {
+        f"{base}embeddings.cls_token": sd["cls_token"],
+        f"{base}embeddings.mask_token": torch.randn(1, d),
+        f"{base}embeddings.position_embeddings": sd["pos_embed"],
+        f"{base}embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+        f"{base}embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+    }
+    if "reg_token" in sd:
+        out[f"{base}embeddings.register_tokens"] = sd["reg_token"]
+    for index, module, param, tensor in _blocks(sd):
+        layer = f"{base}encoder.layer.{index}."
+        if module == "attn.qkv":
+            for part_name, part in zip(attention[:3], tensor.chunk(3, dim=0), strict=True):
+                out[f"{layer}{part_name}.{param}"] = part
+        elif param == "gamma":
+            out[f"{layer}{block_names[module]}.lambda1"] = tensor
+        else:
+            out[f"{layer}{block_names[module]}.{param}"] = tensor
+    out[f"{base}layernorm.weight"] = sd["norm.weight"]
+    out[f"{base}layernorm.bias"] = sd["norm.bias"]
+    return out
+
+
+def _openai_clip_rename(sd: dict[str, torch.Tensor], *, text_tower: bool) -> dict[str, torch.Tensor]:
+    """timm CLIP image tower → OpenAI CLIP's `visual.*` (class embedding (D,), positions (T, D), fused in_proj),
+    with a random `visual.proj` (D, E); text_tower adds the rest of a CLIP model, as OpenAI / OpenCLIP save it."""
+    if "head.weight" in sd or "patch_embed.proj.bias" in sd or "norm_pre.weight" not in sd:
+        raise ValueError("an OpenAI CLIP image tower has no head, no patch bias and a pre-norm")
+    d = sd["pos_embed"].shape[-1]
+    block_names = {
+        "norm1": "ln_1",
+        "attn.proj": "attn.out_proj",
+        "norm2": "ln_2",
+        "mlp.fc1": "mlp.c_fc",
+        "mlp.fc2": "mlp.c_proj",
+    }
+    out: dict[str, torch.Tensor] = {}
+    if text_tower:  # OpenAI's model.state_dict() starts with these
+        out.update(positional_embedding=torch.randn(7, 8), text_projection=torch.randn(8, CLIP_EMBED))
+        out["logit_scale"] = torch.tensor(4.6052)
+    out.update(
+        {
+            "visual.class_embedding": sd["cls_token"].reshape(d),
+            "visual.positional_embedding": sd["pos_embed"].reshape(-1, d),
+            "visual.proj": torch.randn(d, CLIP_EMBED),
+            "visual.conv1.weight": sd["patch_embed.proj.weight"],
+            "visual.ln_pre.weight": sd["norm_pre.weight"],
+            "visual.ln_pre.bias": sd["norm_pre.bias"],
+        }
+    )
+    for index, module, param, tensor in _blocks(sd):
+        layer = f"visual.transformer.resblocks.{index}."
+        if module == "attn.qkv":
+            out[f"{layer}attn.in_proj_{param}"] = tensor
+        else:
+            out[f"{layer}{block_names[module]}.{param}"] = tensor
+    out["visual.ln_post.weight"] = sd["norm.weight"]
+    out["visual.ln_post.bias"] = sd["norm.bias"]
+    if text_tower:
+        out["transformer.resblocks.0.ln_1.weight"] = torch.randn(8)
+        out["transformer.resblocks.0.attn.in_proj_weight"] = torch.randn(24, 8)
+        out["transformer.resblocks.0.attn.in_proj_bias"] = torch.randn(24)
+        out["transformer.resblocks.0.mlp.c_fc.weight"] = torch.randn(32, 8)
+        out["token_embedding.weight"] = torch.randn(50, 8)
+        out["ln_final.weight"] = torch.randn(8)
+        out["ln_final.bias"] = torch.randn(8)
+    return out
+
+
+def _hf_clip_rename(sd: dict[str, torch.Tensor], *, text_tower: bool, hf_prefix: str) -> dict[str, torch.Tensor]:
+    """timm CLIP image tower → transformers CLIPVisionModel (`vision_model.` prefix; '' = transformers 5), with the
+    `position_ids` buffer older files hold; text_tower makes it a CLIPModel (text model, both projections)."""
+    if "head.weight" in sd or "patch_embed.proj.bias" in sd or "norm_pre.weight" not in sd:
+        raise ValueError("a CLIP image tower has no head, no patch bias and a pre-norm")
+    base = f"{hf_prefix}." if hf_prefix else ""
+    d = sd["pos_embed"].shape[-1]
+    positions = sd["pos_embed"].shape[-2]
+    block_names = {
+        "norm1": "layer_norm1",
+        "attn.proj": "self_attn.out_proj",
+        "norm2": "layer_norm2",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
+    out: dict[str, torch.Tensor] = {}
+    if text_tower:
+        out["logit_scale"] = torch.tensor(4.6052)
+        out["text_model.embeddings.token_embedding.weight"] = torch.randn(50, 8)
+        out["text_model.embeddings.position_embedding.weight"] = torch.randn(7, 8)
+        out["text_model.encoder.layers.0.self_attn.q_proj.weight"] = torch.randn(8, 8)
+        out["text_model.encoder.layers.0.layer_norm1.weight"] = torch.randn(8)
+        out["text_model.final_layer_norm.weight"] = torch.randn(8)
+    out.update(
+        {
+            f"{base}embeddings.class_embedding": sd["cls_token"].reshape(d),
+            f"{base}embeddings.patch_embedding.weight": sd["patch_embed.proj.weight"],
+            f"{base}embeddings.position_embedding.weight": sd["pos_embed"].reshape(-1, d),
+            f"{base}embeddings.position_ids": torch.arange(positions).reshape(1, -1),
+            f"{base}pre_layrnorm.weight": sd["norm_pre.weight"],  # sic
+            f"{base}pre_layrnorm.bias": sd["norm_pre.bias"],
+        }
+    )
+    for index, module, param, tensor in _blocks(sd):
+        layer = f"{base}encoder.layers.{index}."
+        if module == "attn.qkv":
+            for part_name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0), strict=True):
+                out[f"{layer}self_attn.{part_name}.{param}"] = part
+        else:
+            out[f"{layer}{block_names[module]}.{param}"] = tensor
+    out[f"{base}post_layernorm.weight"] = sd["norm.weight"]
+    out[f"{base}post_layernorm.bias"] = sd["norm.bias"]
+    if base:  # CLIPVisionModelWithProjection / CLIPModel
+        out["visual_projection.weight"] = torch.randn(CLIP_EMBED, d)
+    if text_tower:
+        out["text_projection.weight"] = torch.randn(CLIP_EMBED, 8)
     return out

@@ -100,6 +100,9 @@ def test_registered_deit_tiny_distilled_detects_the_published_config(tmp_path: P
         dataclasses.replace(SMALL, distilled=True, num_classes=0),
         dataclasses.replace(SMALL, layer_scale=True, qkv_bias=False, no_embed_class=True),
         dataclasses.replace(SMALL, class_token=False, global_pool="avg", fc_norm=True, img_size=(16, 24)),
+        dataclasses.replace(SMALL, layer_scale=True, reg_tokens=4),  # DINOv2 with registers, facebookresearch form
+        dataclasses.replace(SMALL, layer_scale=True, reg_tokens=4, no_embed_class=True),  # timm's form
+        dataclasses.replace(SMALL, pre_norm=True, patch_bias=False, num_classes=0),  # CLIP image tower
     ],
 )
 def test_the_vit_models_shape_table_is_the_upstream_layout(cfg: ViTConfig) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import json
 import os
 import pickle
 import subprocess
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._ckpt_factory import SMALL, make_vit_state_dict, write_checkpoint
+from tests._ckpt_factory import SMALL, make_vit_state_dict, rename, write_checkpoint
+from tests._timm import import_timm
 from tmconvert.converter.checkpoint import open_checkpoint
 from tmconvert.converter.checkpoint.errors import CheckpointError, UnsafePickleError
 
@@ -196,7 +198,8 @@ def test_ema_requested_but_absent(tmp_path: Path) -> None:
     ("edit", "expected"),
     [
         (lambda sd: sd.pop("blocks.1.mlp.fc1.bias"), r"incomplete ViT: missing tensor\(s\) blocks\.1\.mlp\.fc1\.bias"),
-        (lambda sd: sd.update({"reg_token": torch.zeros(1, 4, 32)}), r"not part of a ViT/DeiT .*'reg_token'"),
+        (lambda sd: sd.update({"reg_token": torch.zeros(1, 4, 32)}), r"unsupported ViT: .*none in a distilled ViT"),
+        (lambda sd: sd.update({"cls_pos": torch.zeros(1, 1, 32)}), r"not part of a ViT/DeiT .*'cls_pos'"),
         (lambda sd: sd.update({"blocks.1.attn.q_norm.weight": torch.zeros(16)}), r"'blocks\.1\.attn\.q_norm\.weight'"),
         (
             lambda sd: sd.update({"blocks.2.norm1.weight": torch.zeros(32)}),
@@ -246,3 +249,127 @@ def test_distilled_with_no_embed_class_is_not_a_timm_layout(tmp_path: Path) -> N
     torch.save(state_dict, tmp_path / "x.pth")
     with pytest.raises(CheckpointError, match=r"x\.pth: tensors describe an unsupported ViT: a distilled ViT needs"):
         open_checkpoint(tmp_path / "x.pth", num_heads=2)
+
+
+def _timm_state_dict(name: str, **kwargs: object) -> dict[str, torch.Tensor]:
+    model = import_timm().create_model(name, pretrained=False, embed_dim=32, depth=2, num_heads=2, **kwargs)
+    return model.state_dict()
+
+
+def _hf_beit() -> dict[str, torch.Tensor]:
+    """transformers BeitForImageClassification names (a ViT layout but for its relative position bias)."""
+    sd = rename(make_vit_state_dict(SMALL), "hf-legacy", hf_prefix="vit")
+    sd = {name.replace("vit.", "beit.", 1): tensor for name, tensor in sd.items()}
+    table = "beit.encoder.layer.0.attention.attention.relative_position_bias.relative_position_bias_table"
+    return {**sd, table: torch.zeros(52, 2)}
+
+
+def _dinov2_swiglu_hf() -> dict[str, torch.Tensor]:
+    sd = rename(make_vit_state_dict(dataclasses.replace(SMALL, num_classes=0)), "hf-legacy")
+    for i in range(2):
+        for param in ("weight", "bias"):
+            del sd[f"encoder.layer.{i}.intermediate.dense.{param}"], sd[f"encoder.layer.{i}.output.dense.{param}"]
+            sd[f"encoder.layer.{i}.mlp.weights_in.{param}"] = (
+                torch.zeros(128, 32) if param == "weight" else torch.zeros(128)
+            )
+    return sd
+
+
+@pytest.mark.parametrize(
+    ("make", "what", "tensor"),
+    [
+        (
+            lambda: _timm_state_dict("beit_base_patch16_224", img_size=32),
+            "BEiT-style relative position bias",
+            "blocks.0.attn.relative_position_bias_table",
+        ),
+        (
+            _hf_beit,
+            "BEiT-style relative position bias",
+            "beit.encoder.layer.0.attention.attention.relative_position_bias.relative_position_bias_table",
+        ),
+        (
+            lambda: _timm_state_dict("eva02_base_patch14_224", img_size=28),
+            "EVA-02 SwiGLU MLP",
+            "blocks.0.mlp.fc1_g.weight",
+        ),
+        (  # timm's EVA-02 Ti/S: fused q/k/v with q and v biases, packed SwiGLU, rotary embedding not stored
+            lambda: _timm_state_dict("eva02_tiny_patch14_224", img_size=28),
+            "BEiT/EVA-style separate q and v biases",
+            "blocks.0.attn.q_bias",
+        ),
+        (  # baaivision EVA-02: the rotary embedding's tables are stored
+            lambda: {**make_vit_state_dict(SMALL), "rope.freqs_cos": torch.zeros(16, 8)},
+            "EVA-02 rotary position embedding",
+            "rope.freqs_cos",
+        ),
+        (
+            lambda: _timm_state_dict("cait_xxs24_224", img_size=32, depth_token_only=1),
+            "CaiT class-attention stage",
+            "blocks_token_only.0.gamma_1",
+        ),
+        (  # facebookresearch DINOv2 ViT-g
+            lambda: {
+                **{k: v for k, v in make_vit_state_dict(SMALL).items() if ".mlp.fc1." not in k},
+                "blocks.0.mlp.w12.weight": torch.zeros(128, 32),
+            },
+            "DINOv2 SwiGLU MLP",
+            "blocks.0.mlp.w12.weight",
+        ),
+        (_dinov2_swiglu_hf, "DINOv2 SwiGLU MLP", "encoder.layer.0.mlp.weights_in.weight"),
+    ],
+)
+def test_architectures_that_are_not_plain_vits_are_named_in_one_line(
+    tmp_path: Path, make: Callable[[], dict[str, torch.Tensor]], what: str, tensor: str
+) -> None:
+    torch.save(make(), tmp_path / "x.pth")
+    with pytest.raises(CheckpointError) as caught:
+        open_checkpoint(tmp_path / "x.pth", num_heads=2)
+    assert str(caught.value) == (
+        f"{tmp_path / 'x.pth'}: {what} ({tensor}) is not supported: "
+        "tmconvert converts plain ViTs (absolute position embeddings, GELU MLPs)"
+    )
+
+
+def test_timm_packed_swiglu_is_named_not_a_shape_error(tmp_path: Path) -> None:
+    """timm's DINOv2 ViT-g (and EVA-02 Ti/S) pack SwiGLU's two input projections into one `mlp.fc1`."""
+    sd = _timm_state_dict("vit_giant_patch14_dinov2", img_size=28, num_classes=0)
+    torch.save(sd, tmp_path / "x.pth")
+    with pytest.raises(
+        CheckpointError, match=r"x\.pth: gated \(SwiGLU\) MLP: blocks\.0\.mlp\.fc1\.weight \(170, 32\) is twice"
+    ):
+        open_checkpoint(tmp_path / "x.pth", num_heads=2)
+
+
+def test_hf_dinov2_classifier_on_two_tokens_is_refused(tmp_path: Path) -> None:
+    """Dinov2ForImageClassification's head reads [class token, mean patch token]: 2×D inputs."""
+    cfg = dataclasses.replace(SMALL, num_classes=0, layer_scale=True, patch_size=14, img_size=(28, 28))
+    sd = rename(make_vit_state_dict(cfg), "hf-dinov2", hf_prefix="dinov2")
+    sd.update({"classifier.weight": torch.zeros(10, 64), "classifier.bias": torch.zeros(10)})
+    torch.save(sd, tmp_path / "x.pth")
+    with pytest.raises(
+        CheckpointError, match=r"x\.pth: the classifier head\.weight \(10, 64\) reads 2×embed_dim .*Dinov2Model"
+    ):
+        open_checkpoint(tmp_path / "x.pth", num_heads=2)
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        ({"use_swiglu_ffn": True}, r"use_swiglu_ffn \(a SwiGLU MLP\) is not supported: tmconvert converts plain ViTs"),
+        (
+            {"hidden_act": "gelu_new"},
+            r"hidden_act 'gelu_new' is not supported: tmconvert's ViT has 'gelu', 'quick_gelu'",
+        ),
+        ({"num_register_tokens": 2}, r"says reg_tokens = 2 but the tensors have reg_tokens = 0"),
+    ],
+)
+def test_hf_config_json_describing_what_the_reader_cannot_build(
+    tmp_path: Path, edit: dict[str, object], expected: str
+) -> None:
+    cfg = dataclasses.replace(SMALL, num_classes=0, layer_scale=True, patch_size=14, img_size=(28, 28))
+    path = write_checkpoint(make_vit_state_dict(cfg), tmp_path / "hf", fmt="hf-dir", naming="hf-dinov2", config=cfg)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(CheckpointError, match=rf"config\.json: {expected}"):
+        open_checkpoint(path)

@@ -82,8 +82,13 @@ def test_json_has_the_same_facts_and_every_tensor(tmp_path: Path, capsys) -> Non
         "grid": [4, 4],
         "num_patches": 16,
         "num_prefix_tokens": 1,
+        "pos_prefix_tokens": 1,
         "head_dim": 8,
     }
+    assert facts["layout"] == "vit" and facts["mappings"] == [
+        {"name": "vit-vim-mlp", "default": True},
+        {"name": "vit-vim-attn", "default": False},
+    ]
     assert facts["config_file"] == str(path / "config.json")
     assert facts["num_params"] == sum(t.numel() for t in state_dict.values())
     assert facts["num_tensors"] == len(state_dict) == len(facts["tensors"])

@@ -1,16 +1,19 @@
 """Detecting a checkpoint's `ViTConfig` from tensor shapes (never from tensor data, never from a download).
 
-Shapes settle width, depth, MLP width, patch size, tokens, LayerScale, qkv bias, classes and pooling (`fc_norm`
-present: timm's average-pool layout; no class token: average pooling). They cannot settle two
-things, so a `config.json` beside the weights (Hugging Face or timm hub layout) is used when present:
-- attention heads: else the caller's `num_heads`, else head_dim 64 (timm/DeiT/ViT convention), else an error;
-- the grid of a non-square image: else pos_embed's patch slots are assumed to form a square grid.
-Norm eps is not stored either: timm / facebookresearch models use 1e-6, Hugging Face models `layer_norm_eps`
-(default 1e-12). Every assumption made is returned as a note, so `inspect` can show it.
+Shapes settle width, depth, MLP width, patch size, tokens (class, distillation, registers), LayerScale, qkv bias,
+pre-norm and patch bias (CLIP), classes and pooling (`fc_norm` present: timm's average-pool layout; no class token:
+average pooling). They cannot settle some things, so a `config.json` beside the weights (Hugging Face or timm hub
+layout) is used when present:
+- attention heads: else the caller's `num_heads`, else head_dim 64 (timm/DeiT/ViT/CLIP convention), else an error;
+- the grid of a non-square image: else pos_embed's patch slots are assumed to form a square grid;
+- norm eps and the MLP activation: else what the upstream code of the layout uses (`_upstream_defaults`).
+Every assumption made is returned as a note, so `inspect` can show it. Tensors may be stored in another shape than
+timm's if it is the same data viewed differently (`stored_as`); the reader then views them in timm's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -20,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from tmconvert.converter.checkpoint.errors import CheckpointError
+from tmconvert.converter.checkpoint.naming import PLAIN_VIT
 from tmconvert.models import ModelConfigError, ViTConfig, state_dict_shapes
+from tmconvert.models.vit import ACTIVATIONS
 
-TIMM_NORM_EPS = 1e-6
-HF_NORM_EPS = 1e-12
 DEFAULT_HEAD_DIM = 64
-HF_MODEL_TYPES = ("vit", "deit")
+# transformers model types read from config.json ('clip' through its `vision_config`).
+HF_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "clip_vision_model", "clip")
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class ConfigHints:
     """What a config.json says about the model (None where it says nothing)."""
 
     file: Path
-    kind: str  # 'hf' (transformers ViTConfig / DeiTConfig) or 'timm' (hub config with 'architecture')
+    kind: str  # 'hf' (a transformers config) or 'timm' (hub config with 'architecture')
     embed_dim: int | None = None
     depth: int | None = None
     num_heads: int | None = None
@@ -43,53 +47,83 @@ class ConfigHints:
     in_chans: int | None = None
     qkv_bias: bool | None = None
     norm_eps: float | None = None
+    act: str | None = None
+    reg_tokens: int | None = None
 
 
 @dataclass(frozen=True)
 class Detection:
     config: ViTConfig
     notes: tuple[str, ...]  # assumptions the shapes and config files could not settle
+    layout: str  # what was recognised, e.g. 'dinov2-reg' (`layout_name`)
 
 
 def read_config_hints(file: Path) -> ConfigHints | None:
-    """Parse a config.json; None when it describes something other than a ViT/DeiT (it is then not ours to judge)."""
+    """Parse a config.json; None when it describes something other than a ViT (it is then not ours to judge)."""
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{file}: unreadable config file (expected JSON): {exc}") from exc
     if not isinstance(data, dict):
         return None
-    if data.get("model_type") in HF_MODEL_TYPES or ("model_type" not in data and "hidden_size" in data):
-        return ConfigHints(
-            file=file,
-            kind="hf",
-            embed_dim=_int(data, "hidden_size", file),
-            depth=_int(data, "num_hidden_layers", file),
-            num_heads=_int(data, "num_attention_heads", file),
-            mlp_hidden=_int(data, "intermediate_size", file),
-            img_size=_pair(data.get("image_size"), "image_size", file),
-            patch_size=_square(_pair(data.get("patch_size"), "patch_size", file), "patch_size", file),
-            in_chans=_int(data, "num_channels", file),
-            qkv_bias=data.get("qkv_bias") if isinstance(data.get("qkv_bias"), bool) else None,
-            norm_eps=float(data["layer_norm_eps"]) if isinstance(data.get("layer_norm_eps"), int | float) else None,
+    model_type = data.get("model_type")
+    if model_type == "clip":  # a whole CLIPModel: the image tower's settings are its vision_config
+        data = data.get("vision_config") if isinstance(data.get("vision_config"), dict) else {}
+    elif model_type not in HF_MODEL_TYPES and not (model_type is None and "hidden_size" in data):
+        return _timm_hints(data, file)  # a timm hub config, or not ours to judge
+    if data.get("use_swiglu_ffn") is True:
+        raise CheckpointError(f"{file}: use_swiglu_ffn (a SwiGLU MLP) is not supported: {PLAIN_VIT}")
+    act = data.get("hidden_act")
+    if act is not None and act not in ACTIVATIONS:
+        raise CheckpointError(
+            f"{file}: hidden_act {act!r} is not supported: tmconvert's ViT has {', '.join(map(repr, ACTIVATIONS))}"
         )
-    if isinstance(data.get("architecture"), str):  # timm hub config: model_args and pretrained_cfg.input_size
-        args = data.get("model_args") if isinstance(data.get("model_args"), dict) else {}
-        input_size = (data.get("pretrained_cfg") or {}).get("input_size")
-        img_size = _pair(args.get("img_size"), "model_args.img_size", file)
-        if img_size is None and isinstance(input_size, list) and len(input_size) == 3:
-            img_size = _pair(input_size[1:], "pretrained_cfg.input_size", file)
-        return ConfigHints(
-            file=file,
-            kind="timm",
-            embed_dim=_int(args, "embed_dim", file),
-            depth=_int(args, "depth", file),
-            num_heads=_int(args, "num_heads", file),
-            img_size=img_size,
-            patch_size=_square(_pair(args.get("patch_size"), "model_args.patch_size", file), "patch_size", file),
-            in_chans=_int(args, "in_chans", file),
-        )
-    return None
+    embed_dim = _int(data, "hidden_size", file)
+    mlp_hidden = _int(data, "intermediate_size", file)
+    ratio = data.get("mlp_ratio")  # DINOv2 gives the MLP width as a ratio (transformers: int(hidden * ratio))
+    if mlp_hidden is None and embed_dim is not None and isinstance(ratio, int | float) and not isinstance(ratio, bool):
+        mlp_hidden = int(embed_dim * ratio)
+    return ConfigHints(
+        file=file,
+        kind="hf",
+        embed_dim=embed_dim,
+        depth=_int(data, "num_hidden_layers", file),
+        num_heads=_int(data, "num_attention_heads", file),
+        mlp_hidden=mlp_hidden,
+        img_size=_pair(data.get("image_size"), "image_size", file),
+        patch_size=_square(_pair(data.get("patch_size"), "patch_size", file), "patch_size", file),
+        in_chans=_int(data, "num_channels", file),
+        qkv_bias=data.get("qkv_bias") if isinstance(data.get("qkv_bias"), bool) else None,
+        norm_eps=float(data["layer_norm_eps"]) if isinstance(data.get("layer_norm_eps"), int | float) else None,
+        act=act,
+        reg_tokens=_int(data, "num_register_tokens", file),
+    )
+
+
+def _timm_hints(data: dict[str, Any], file: Path) -> ConfigHints | None:
+    """A timm hub config (`architecture`, `model_args`, `pretrained_cfg.input_size`); None for anything else."""
+    architecture = data.get("architecture")
+    if not isinstance(architecture, str):
+        return None
+    args = data.get("model_args") if isinstance(data.get("model_args"), dict) else {}
+    input_size = (data.get("pretrained_cfg") or {}).get("input_size")
+    img_size = _pair(args.get("img_size"), "model_args.img_size", file)
+    if img_size is None and isinstance(input_size, list) and len(input_size) == 3:
+        img_size = _pair(input_size[1:], "pretrained_cfg.input_size", file)
+    act = args.get("act_layer") if args.get("act_layer") in ACTIVATIONS else None
+    if act is None and "quickgelu" in architecture:  # timm's CLIP models for OpenAI weights, e.g. *_clip_quickgelu_224
+        act = "quick_gelu"
+    return ConfigHints(
+        file=file,
+        kind="timm",
+        embed_dim=_int(args, "embed_dim", file),
+        depth=_int(args, "depth", file),
+        num_heads=_int(args, "num_heads", file),
+        img_size=img_size,
+        patch_size=_square(_pair(args.get("patch_size"), "model_args.patch_size", file), "patch_size", file),
+        in_chans=_int(args, "in_chans", file),
+        act=act,
+    )
 
 
 def detect_vit_config(
@@ -107,23 +141,30 @@ def detect_vit_config(
     if not block_ids:
         raise CheckpointError(f"{path}: no transformer blocks found")
     fc1 = _require(shapes, "blocks.0.mlp.fc1.weight", path)
+    if _packed_swiglu(shapes, block_ids):
+        fc2 = shapes["blocks.0.mlp.fc2.weight"]
+        raise CheckpointError(
+            f"{path}: gated (SwiGLU) MLP: blocks.0.mlp.fc1.weight {fc1} is twice as wide as blocks.0.mlp.fc2.weight "
+            f"{fc2} takes; it is not supported: {PLAIN_VIT}"
+        )
     class_token = "cls_token" in shapes
     distilled = "dist_token" in shapes
     if distilled and not class_token:  # checked before the grid, whose prefix-token count would be wrong
         raise CheckpointError(f"{path}: has 'dist_token' but no 'cls_token'; a distilled ViT needs both")
+    reg = shapes.get("reg_token")  # (1, R, D); registers never get a position, so the grid does not count them
+    reg_tokens = 0 if reg is None else reg[-2] if len(reg) > 1 else 1
     heads = _num_heads(embed_dim, hints, num_heads, notes, path)
     img_size, no_embed_class = _grid(shapes, patch_size, int(class_token) + int(distilled), hints, notes, path)
-    if naming == "timm":
-        norm_eps = TIMM_NORM_EPS
-    elif hints is not None and hints.norm_eps is not None:
-        norm_eps = hints.norm_eps
-    else:
-        norm_eps = HF_NORM_EPS
-        notes.append(f"norm eps {HF_NORM_EPS:g}: the Hugging Face default (no config.json gives layer_norm_eps)")
     head = shapes.get("head.weight")
+    if head is not None and len(head) == 2 and head[1] == 2 * embed_dim:
+        raise CheckpointError(
+            f"{path}: the classifier head.weight {head} reads 2×embed_dim features (Dinov2ForImageClassification's "
+            "[class token, mean patch token]), which is not supported: a ViT head reads one token or the mean; "
+            "read the backbone (Dinov2Model) without it"
+        )
     fc_norm = "fc_norm.weight" in shapes  # timm: average pooling with the final norm after it
     try:
-        config = ViTConfig(
+        structure = ViTConfig(
             embed_dim=embed_dim,
             depth=max(block_ids) + 1,
             num_heads=heads,
@@ -136,17 +177,73 @@ def detect_vit_config(
             distilled=distilled,
             qkv_bias="blocks.0.attn.qkv.bias" in shapes,
             layer_scale="blocks.0.ls1.gamma" in shapes,
-            norm_eps=norm_eps,
             no_embed_class=no_embed_class,
             global_pool="token" if class_token and not fc_norm else "avg",
             fc_norm=fc_norm,
+            reg_tokens=reg_tokens,
+            pre_norm="norm_pre.weight" in shapes,
+            patch_bias="patch_embed.proj.bias" in shapes,
         )
+        layout = layout_name(structure)
+        norm_eps, act = _norm_eps_and_act(naming, layout, hints, notes)
+        config = dataclasses.replace(structure, norm_eps=norm_eps, act=act)
     except ModelConfigError as exc:
         raise CheckpointError(f"{path}: tensors describe an unsupported ViT: {exc}") from exc
     if hints is not None:
         _check_hints(config, hints)
     _check_shapes(shapes, config, path)
-    return Detection(config, tuple(notes))
+    return Detection(config, tuple(notes), layout)
+
+
+def _packed_swiglu(shapes: Mapping[str, tuple[int, ...]], block_ids: set[int]) -> bool:
+    """timm's packed SwiGLU (DINOv2 ViT-g, EVA-02 Ti/S): every block's fc1 is twice as wide as its fc2 takes."""
+    pairs = [(shapes.get(f"blocks.{i}.mlp.fc1.weight"), shapes.get(f"blocks.{i}.mlp.fc2.weight")) for i in block_ids]
+    return all(fc1 and fc2 and len(fc1) == len(fc2) == 2 and fc1[0] == 2 * fc2[1] for fc1, fc2 in pairs)
+
+
+def layout_name(config: ViTConfig) -> str:
+    """A short name for the kind of ViT a config describes (`Checkpoint.layout`, shown by `inspect`)."""
+    if config.pre_norm:
+        return "clip"  # OpenAI CLIP / OpenCLIP image tower: ln_pre, no patch bias
+    if config.reg_tokens:
+        return "dinov2-reg"
+    if config.layer_scale:
+        return "deit3" if config.no_embed_class else "dinov2"
+    if config.distilled:
+        return "deit-distilled"
+    return "vit-avgpool" if config.global_pool == "avg" else "vit"
+
+
+def _upstream_defaults(naming: str, layout: str) -> tuple[float, str, str]:
+    """(norm eps, MLP activation, whose choice) where neither tensors nor config.json say: the upstream code's."""
+    if naming == "openai-clip":
+        return 1e-5, "quick_gelu", "OpenAI CLIP's"
+    if naming == "hf-clip":
+        return 1e-5, "quick_gelu", "transformers' CLIPVisionConfig default"
+    if naming == "timm":
+        return (1e-5, "gelu", "timm's CLIP models'") if layout == "clip" else (1e-6, "gelu", "timm's")
+    if layout.startswith("dinov2"):
+        return 1e-6, "gelu", "transformers' Dinov2Config default"
+    return 1e-12, "gelu", "the Hugging Face default"
+
+
+def _norm_eps_and_act(naming: str, layout: str, hints: ConfigHints | None, notes: list[str]) -> tuple[float, str]:
+    """Norm eps and activation: config.json's, else the upstream defaults (noted, except timm's plain ViT eps)."""
+    default_eps, default_act, whose = _upstream_defaults(naming, layout)
+    norm_eps = hints.norm_eps if hints is not None and hints.norm_eps is not None else None
+    if norm_eps is None:
+        norm_eps = default_eps
+        if naming != "timm" or layout == "clip":
+            notes.append(f"norm eps {norm_eps:g}: {whose} (no config.json gives layer_norm_eps)")
+    act = hints.act if hints is not None and hints.act is not None else None
+    if act is None:
+        act = default_act
+        if layout == "clip":  # the one layout whose checkpoints were trained with either activation
+            notes.append(
+                f"act {act}: {whose} (shapes cannot tell GELU from QuickGELU and no config.json says; "
+                "OpenAI weights use quick_gelu, most OpenCLIP-trained ones gelu)"
+            )
+    return norm_eps, act
 
 
 def _patch_embed(shapes: Mapping[str, tuple[int, ...]], hints: ConfigHints | None, path: Path) -> tuple[int, int, int]:
@@ -204,9 +301,9 @@ def _grid(
 ) -> tuple[tuple[int, int], bool]:
     """(img_size, no_embed_class) from pos_embed's length; a square grid unless config.json gives image_size."""
     pos = _require(shapes, "pos_embed", path)
-    if len(pos) != 3 or pos[0] != 1:
+    if len(pos) not in (2, 3) or pos[:-2] not in ((), (1,)):  # CLIP stores it as (positions, embed_dim)
         raise CheckpointError(f"{path}: pos_embed has shape {pos}; expected (1, positions, embed_dim)")
-    positions = pos[1]
+    positions = pos[-2]
     if hints is not None and hints.img_size is not None:
         height, width = hints.img_size
         if height % patch_size or width % patch_size:
@@ -240,6 +337,7 @@ def _check_hints(config: ViTConfig, hints: ConfigHints) -> None:
         "patch_size": hints.patch_size,
         "in_chans": hints.in_chans,
         "qkv_bias": hints.qkv_bias,
+        "reg_tokens": hints.reg_tokens,
     }
     for field, value in said.items():
         if value is not None and value != getattr(config, field):
@@ -264,12 +362,26 @@ def _check_shapes(shapes: Mapping[str, tuple[int, ...]], config: ViTConfig, path
         )
     for name, shape in expected.items():
         actual = shapes[name]
-        linear_patch = name == "patch_embed.proj.weight" and actual == (shape[0], math.prod(shape[1:]))
-        if actual != shape and not linear_patch:
+        if not stored_as(actual, shape):
             raise CheckpointError(
                 f"{path}: tensor '{name}' has shape {actual}; expected {shape} (embed_dim {config.embed_dim}, "
                 f"mlp_hidden {config.mlp_hidden}, {config.num_patches} patches)"
             )
+
+
+def stored_as(stored: tuple[int, ...], canonical: tuple[int, ...]) -> bool:
+    """Whether a tensor of shape `stored` is the canonical tensor's data viewed in another shape: without leading
+    1-dims (CLIP's (D,) class embedding and (T, D) position embedding) or with its trailing dims flattened (timm's
+    old linear patchify, (D, C·p·p)). The reader then views it in the canonical shape."""
+    core, target = _without_leading_ones(stored), _without_leading_ones(canonical)
+    flattened = len(core) == 2 and len(target) > 2 and core == (target[0], math.prod(target[1:]))
+    return core == target or flattened
+
+
+def _without_leading_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
+    while shape and shape[0] == 1:
+        shape = shape[1:]
+    return shape
 
 
 def _require(shapes: Mapping[str, tuple[int, ...]], name: str, path: Path) -> tuple[int, ...]:

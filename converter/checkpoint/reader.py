@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from tmconvert.converter.checkpoint.containers import strip_wrapper_prefixes
-from tmconvert.converter.checkpoint.detect import detect_vit_config, read_config_hints
+from tmconvert.converter.checkpoint.detect import Detection, detect_vit_config, read_config_hints
 from tmconvert.converter.checkpoint.errors import CheckpointError
 from tmconvert.converter.checkpoint.formats import TensorStore, Weights, open_weights
-from tmconvert.converter.checkpoint.naming import Layout, canonical_layout
+from tmconvert.converter.checkpoint.naming import NameMap, map_names
 from tmconvert.models import VisionTransformer, ViTConfig, state_dict_shapes
 
 __all__ = ["Checkpoint", "TensorInfo", "open_checkpoint"]
@@ -60,11 +60,13 @@ class Checkpoint:
     weights_format: str  # format of the weight files themselves (for 'hf-dir': which of the above it holds)
     container: str  # 'flat' | 'model' | 'state_dict' | 'module' | 'model_ema' | 'state_dict_ema'
     container_entries: tuple[str, ...]  # top-level entries of a wrapped torch checkpoint ('model', 'args', ...)
-    naming: str  # 'timm' | 'hf-legacy' | 'hf-v5'
+    naming: str  # 'timm' | 'hf-legacy' | 'hf-v5' | 'openai-clip' | 'hf-clip'
     family: str  # 'vit'
+    layout: str  # 'vit' | 'vit-avgpool' | 'deit-distilled' | 'deit3' | 'dinov2' | 'dinov2-reg' | 'clip'
     config: ViTConfig
     notes: tuple[str, ...]  # assumptions detection had to make (heads from head_dim 64, square grid, ...)
     ignored: tuple[TensorInfo, ...]  # stored tensors outside the canonical set (HF pooler, mask_token), stored names
+    # (a whole other model in the file, CLIP's text tower, is not listed here but summed up in `notes`)
     files: tuple[Path, ...]  # the weight files read
     config_file: Path | None  # the config.json used for detection, if any
     size_on_disk: int  # bytes of the weight files
@@ -73,10 +75,9 @@ class Checkpoint:
         self,
         path: Path,
         weights: Weights,
-        layout: Layout,
+        names: NameMap,
         tensors: dict[str, _CanonicalTensor],
-        config: ViTConfig,
-        notes: tuple[str, ...],
+        detection: Detection,
         config_file: Path | None,
     ):
         self.path = path
@@ -84,11 +85,12 @@ class Checkpoint:
         self.weights_format = weights.weights_format
         self.container = weights.container
         self.container_entries = weights.container_entries
-        self.naming = layout.naming
+        self.naming = names.naming
         self.family = "vit"
-        self.config = config
-        self.notes = notes
-        self.ignored = tuple(_stored_info(weights.store, name) for name in sorted(layout.ignored))
+        self.layout = detection.layout
+        self.config = config = detection.config
+        self.notes = names.notes + detection.notes
+        self.ignored = tuple(_stored_info(weights.store, name) for name in sorted(names.ignored))
         self.files = weights.store.files
         self.config_file = config_file
         self.size_on_disk = sum(file.stat().st_size for file in self.files)
@@ -164,7 +166,7 @@ class Checkpoint:
     def __repr__(self) -> str:
         return (
             f"Checkpoint({str(self.path)!r}, format={self.format!r}, container={self.container!r}, "
-            f"naming={self.naming!r}, tensors={len(self)}, params={self.num_params})"
+            f"naming={self.naming!r}, layout={self.layout!r}, tensors={len(self)}, params={self.num_params})"
         )
 
     def _tensor(self, name: str) -> _CanonicalTensor:
@@ -184,23 +186,23 @@ def open_checkpoint(path: str | Path, *, ema: bool = False, num_heads: int | Non
         stored = strip_wrapper_prefixes(weights.store.keys(), path=path)
         if not stored:
             raise CheckpointError(f"{path}: empty state dict (no tensors)")
-        layout = canonical_layout(stored, path=path)
-        infos = {name: _fused_info(weights.store, name, sources, path) for name, sources in layout.sources.items()}
+        names = map_names(stored, path=path)
+        infos = {name: _fused_info(weights.store, name, sources, path) for name, sources in names.sources.items()}
         hints = read_config_hints(weights.config_file) if weights.config_file is not None else None
         detection = detect_vit_config(
             {name: info.shape for name, info in infos.items()},
-            naming=layout.naming,
+            naming=names.naming,
             hints=hints,
             num_heads=num_heads,
             path=path,
         )
-        config = detection.config
-        patch = "patch_embed.proj.weight"  # stored 2-D by timm's old linear patchify: viewed as (D, C, p, p)
-        infos[patch] = _with_shape(
-            infos[patch], (config.embed_dim, config.in_chans, config.patch_size, config.patch_size)
-        )
-        tensors = {name: _CanonicalTensor(layout.sources[name], info) for name, info in infos.items()}
-        return Checkpoint(path, weights, layout, tensors, config, detection.notes, hints.file if hints else None)
+        # Detection checked that each stored shape is a view of the model's (`stored_as`): read it in the model's.
+        canonical = state_dict_shapes(detection.config)
+        tensors = {
+            name: _CanonicalTensor(names.sources[name], _with_shape(info, canonical[name]))
+            for name, info in infos.items()
+        }
+        return Checkpoint(path, weights, names, tensors, detection, hints.file if hints else None)
     except BaseException:
         weights.store.close()
         raise

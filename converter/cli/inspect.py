@@ -18,6 +18,8 @@ from rich.table import Table
 
 from tmconvert.converter.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from tmconvert.converter.cli._console import console
+from tmconvert.converter.mapping.files import load_mapping, shipped_mapping_paths
+from tmconvert.converter.plan.plan import accepts_source
 from tmconvert.models import ViTConfig
 
 _SOURCE_COLUMN_MIN_WIDTH = 110
@@ -64,6 +66,8 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
         "container_entries": list(ckpt.container_entries),
         "naming": ckpt.naming,
         "family": ckpt.family,
+        "layout": ckpt.layout,
+        "mappings": converting_mappings(ckpt),
         "config": _config_dict(ckpt.config),
         "num_params": ckpt.num_params,
         "num_tensors": len(ckpt),
@@ -75,6 +79,16 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
             {**_tensor_dict(ckpt.info(name)), "source": list(ckpt.source_names(name))} for name in ckpt.names()
         ],
     }
+
+
+def converting_mappings(ckpt: Checkpoint) -> list[dict[str, Any]]:
+    """The shipped mappings that accept this checkpoint, the default for every target (`default_for: "*"`) first."""
+    found = []
+    for path in shipped_mapping_paths():
+        loaded = load_mapping(path)
+        if accepts_source(loaded, ckpt.config):
+            found.append({"name": loaded.name, "default": "*" in loaded.mapping.default_for})
+    return sorted(found, key=lambda m: not m["default"])
 
 
 def _print_summary(ckpt: Checkpoint) -> None:
@@ -89,6 +103,9 @@ def _print_summary(ckpt: Checkpoint) -> None:
     summary.add_row("container", f"{ckpt.container}{entries}")
     summary.add_row("naming", ckpt.naming)
     summary.add_row("family", f"{ckpt.family} ({_variant(cfg)})")
+    mappings = converting_mappings(ckpt)
+    shown = ", ".join(m["name"] + (" (default)" if m["default"] else "") for m in mappings) or "none of the shipped"
+    summary.add_row("layout", f"{ckpt.layout}; converts with {shown}")
     summary.add_row("config", _config_line(cfg))
     summary.add_row("parameters", f"{ckpt.num_params:,} in {len(ckpt)} tensors")
     summary.add_row("dtypes", ", ".join(f"{dtype} ×{count}" for dtype, count in _dtype_counts(ckpt).items()))
@@ -151,6 +168,7 @@ def _variant(cfg: ViTConfig) -> str:
 def _config_line(cfg: ViTConfig) -> str:
     height, width = cfg.img_size
     tokens = [name for name, on in (("cls", cfg.class_token), ("dist", cfg.distilled)) if on]
+    tokens += [f"{cfg.reg_tokens} registers"] if cfg.reg_tokens else []
     parts = [
         f"embed_dim {cfg.embed_dim}",
         f"depth {cfg.depth}",
@@ -164,8 +182,12 @@ def _config_line(cfg: ViTConfig) -> str:
         f"qkv_bias {'yes' if cfg.qkv_bias else 'no'}",
         f"layer_scale {'yes' if cfg.layer_scale else 'no'}",
         f"norm_eps {cfg.norm_eps:g}",
-        f"pos_embed {'patches only' if cfg.no_embed_class else 'covers prefix tokens'}",
+        f"pos_embed {'patches only' if cfg.no_embed_class else 'covers cls/dist'}",
+        f"pooling {cfg.global_pool}{' + fc_norm' if cfg.fc_norm else ''}",
+        f"mlp act {cfg.act}",
     ]
+    parts += ["pre-norm (ln_pre)"] if cfg.pre_norm else []
+    parts += ["patch embedding without bias"] if not cfg.patch_bias else []
     return ", ".join(parts)
 
 
@@ -176,6 +198,7 @@ def _config_dict(cfg: ViTConfig) -> dict[str, Any]:
         "grid": list(cfg.grid),
         "num_patches": cfg.num_patches,
         "num_prefix_tokens": cfg.num_prefix_tokens,
+        "pos_prefix_tokens": cfg.pos_prefix_tokens,
         "head_dim": cfg.head_dim,
     }
 

@@ -333,6 +333,13 @@ def _check_requires(mapping: LoadedMapping, configs: dict[str, Any]) -> list[Pla
     return problems
 
 
+def accepts_source(mapping: LoadedMapping, source: Any) -> bool:
+    """Whether a mapping converts sources of this config (its family, and what its `requires.source` asks)."""
+    if mapping.mapping.source != family_of(source):
+        return False
+    return not any(p.path.startswith("requires.source") for p in _check_requires(mapping, {"source": source}))
+
+
 def _norm(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
