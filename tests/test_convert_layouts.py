@@ -119,9 +119,16 @@ def test_a_position_grid_of_any_size_is_resampled_to_the_students(tmp_path):
     torch.testing.assert_close(patches, grid[:, channels])
 
 
-def test_a_register_layerscale_teacher_distils_and_evaluates(tmp_path, capsys):
-    """The teacher forward runs for distillation and `eval` (DINOv2 with registers, LayerScale, a head)."""
-    cfg = dataclasses.replace(SMALL, layer_scale=True, reg_tokens=2, no_embed_class=True)
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dataclasses.replace(SMALL, layer_scale=True, reg_tokens=2, no_embed_class=True),
+        dataclasses.replace(SMALL, class_token=False, global_pool="avg", fc_norm=True),
+    ],
+    ids=["dinov2-reg", "avg-pool"],
+)
+def test_new_layouts_distil_and_evaluate(tmp_path, capsys, cfg):
+    """The teacher forward runs for distillation and `eval`; a student without a cls token aligns its patches."""
     teacher = write_checkpoint(make_vit_state_dict(cfg, seed=4), tmp_path / "teacher.safetensors")
     student = tmp_path / "student.safetensors"
     convert(ConvertRequest(source=teacher, target=HALF, out=student, num_heads=cfg.num_heads))
