@@ -143,7 +143,7 @@ def test_check_reports_schema_problems_at_once(tmp_path, capsys):
     assert main(["check", str(path)]) == 1
     out = capsys.readouterr().out
     for expected in (
-        f"{path}: duplicate key tensors.norm_f.weight (line 15)",
+        f"{path}:15: tensors.norm_f.weight: duplicate key",
         f"{path}:5: index_sets.residual.score: Input should be 'residual', 'mlp_hidden' or 'attn_value'",
         f"{path}:12: tensors.pos_embed.init: Input should be 'default', 'zeros', 'ones' or 'conv_identity'",
         f"{path}:13: tensors.head.weight.from: unknown placeholder {{blk}}",

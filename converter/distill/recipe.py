@@ -147,9 +147,7 @@ def find_recipe(name_or_path: str | None) -> Path:
         name_or_path = "default"
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") or candidate.exists():
-        if not candidate.is_file():
-            raise RecipeError(f"{candidate}: no such recipe file")
-        return candidate
+        return candidate  # reading it says what is wrong with it: missing, not a regular file, ...
     shipped = shipped_recipe_paths()
     if name_or_path in shipped:
         return shipped[name_or_path]
@@ -185,6 +183,16 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any, origin: str) -> Non
 
 def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc)
+
+
+def _related(error_key: str, override_key: str) -> bool:
+    """Whether an override is to blame for an error at `error_key`: the error is at or under the key it set, or
+    above it (`--set nosuch.field=1` creates the unknown section `nosuch`)."""
+    return (
+        error_key == override_key
+        or override_key.startswith(error_key + ".")
+        or error_key.startswith(override_key + ".")
+    )
 
 
 def load_recipe(
@@ -240,7 +248,7 @@ def _validate(
         for err in exc.errors():
             loc = tuple(err["loc"])
             dotted = _dotted(loc)
-            origin = next((o for k, o in origins.items() if dotted == k or dotted.startswith(k + ".")), None)
+            origin = next((o for k, o in origins.items() if _related(dotted, k)), None)
             if origin is None:
                 key = loc
                 while key and key not in lines:

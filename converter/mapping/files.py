@@ -96,9 +96,8 @@ def load_mapping(path: str | Path) -> LoadedMapping:
     """Read and validate one mapping file; every schema problem is reported in one MappingError (one per line)."""
     doc = read_yaml(path, MappingError, "mapping")
     path, data, raw_bytes, lines = doc.path, doc.data, doc.raw, doc.lines
-    dups = [f"{format_yaml_path(loc)} (line {line})" for loc, line in doc.duplicates]
     loaded_partial = LoadedMapping(mapping=None, path=path, sha256="", lines=lines)  # type: ignore[arg-type]
-    problems = [f"{path}: duplicate key {d}" for d in dups]
+    problems = [f"{path}:{line}: {format_yaml_path(loc)}: duplicate key" for loc, line in doc.duplicates]
     if not isinstance(data, dict):
         problems.append(f"{path}: a mapping file is a YAML mapping with `mapping: {FORMAT_VERSION}`, `tensors:`, ...")
         raise MappingError("\n".join(problems))
@@ -125,9 +124,7 @@ def find_mapping(name_or_path: str) -> Path:
     """A mapping given as a file path, or by the name of a shipped mapping (file stem, e.g. `vit-vim-mlp`)."""
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") or candidate.exists():
-        if not candidate.is_file():
-            raise MappingError(f"{candidate}: no such mapping file")
-        return candidate
+        return candidate  # reading it says what is wrong with it: missing, not a regular file, ...
     shipped = {p.stem: p for p in shipped_mapping_paths()}
     if name_or_path in shipped:
         return shipped[name_or_path]
