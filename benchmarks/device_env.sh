@@ -3,5 +3,5 @@
 #   source benchmarks/device_env.sh && python3 benchmarks/scan.py
 _tm_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 mkdir -p /tmp/tmroot/tmconvert
-for _d in converter kernels models mappings; do ln -sfn "$_tm_root/$_d" "/tmp/tmroot/tmconvert/$_d"; done
+for _d in converter kernels models mappings recipes; do ln -sfn "$_tm_root/$_d" "/tmp/tmroot/tmconvert/$_d"; done
 export PYTHONPATH="/tmp/tmroot${PYTHONPATH:+:$PYTHONPATH}"
