@@ -38,7 +38,7 @@ ALLOWED: dict[str, set[str]] = {
         "converter.verify",
         "models",
     },
-    "converter.distill": BASICS | {"converter.data", "converter.modelfile", "models"},
+    "converter.distill": BASICS | {"converter.checkpoint", "converter.data", "converter.modelfile", "models"},
     "converter.lint": BASICS | {"converter.mapping", "converter.plan", "converter.distill", "models"},
 }
 CLI_SHARED = {"tmconvert.converter.cli._console", "tmconvert.converter.cli._reports"}

@@ -1,5 +1,6 @@
-"""Distillation across processes on the CPU: two DDP ranks (gloo) reproduce one process, and a run killed with
-SIGKILL resumes to the result of an uninterrupted run. Each test starts fresh Python processes (a few seconds)."""
+"""Distillation across processes on the CPU: two DDP ranks (gloo) reproduce one process, a second run cannot enter
+the folder of a running one, and a run killed with SIGKILL (its lock released by the kernel) resumes to the result
+of an uninterrupted run. Each test starts fresh Python processes (a few seconds)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,7 @@ def test_two_gloo_ranks_train_exactly_like_one_process(files, tmp_path):
     assert "distilled" in outputs[0][0] and outputs[1][0] == ""  # rank 0 reports, rank 1 is silent
     run = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert run["world"] == 2
+    assert not (tmp_path / "ddp" / "run.lock").exists()  # rank 0 locked the folder (rank 1 did not) and released it
     a, b = state_of(single.paths.student), state_of(tmp_path / "ddp" / "student.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
@@ -97,7 +99,7 @@ def test_two_gloo_ranks_train_exactly_like_one_process(files, tmp_path):
 RECIPE = "recipe: 1\ndata:\n  workers: {workers}\nrun:\n  log_every: 1\n  checkpoint_every: 2\n"
 
 
-def test_sigkilled_run_resumes_to_the_uninterrupted_result(files, tmp_path):
+def test_sigkilled_run_resumes_to_the_uninterrupted_result(files, tmp_path, capsys):
     teacher, student = files
     (tmp_path / "recipe.yaml").write_text(RECIPE.format(workers=2))
     extra = ["--steps", "60", "--batch-size", "4"]
@@ -109,13 +111,22 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(files, tmp_path):
             break
         time.sleep(0.01)
     assert proc.poll() is None, "the run ended before it could be killed"
+    assert main(_args(teacher, student, tmp_path / "recipe.yaml", tmp_path / "killed", *extra, "--force")) == 1
+    assert capsys.readouterr().err == (
+        f"error: --out {tmp_path / 'killed'}: another run holds this folder (it has run.lock locked); wait for it to "
+        "end or use another --out\n"
+    )
+    assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=30)
+    proc.wait(timeout=30)  # its loader workers outlive it for seconds, and must not hold the lock meanwhile
+    assert (tmp_path / "killed" / "run.lock").exists()  # left behind, but no longer locked: resume takes it
     checkpoint = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
     assert 6 <= checkpoint["step"] < 60 and not (tmp_path / "killed" / "student.safetensors").exists()
     # the worker count is not part of the run: resume and compare in this process without workers
     (tmp_path / "recipe.yaml").write_text(RECIPE.format(workers=0))
     assert main(_args(teacher, student, tmp_path / "recipe.yaml", tmp_path / "killed", *extra, "--resume")) == 0
+    assert not (tmp_path / "killed" / "run.lock").exists()
+    proc.communicate(timeout=30)
     assert main(_args(teacher, student, tmp_path / "recipe.yaml", tmp_path / "straight", *extra)) == 0
     a = state_of(tmp_path / "straight" / "student.safetensors")
     b = state_of(tmp_path / "killed" / "student.safetensors")

@@ -1,10 +1,13 @@
 """The distillation run: inputs checked up front, the training loop, checkpoints, resume, the distilled output.
 
-`prepare_run` loads the teacher, the student (a tmconvert ViM file, or a registry name for a from-scratch baseline
-whose geometry and classes follow the teacher), the data and the layer pairing, and checks that they fit together
-and that the run folder may be written — all before anything is written. `run_distillation` then trains.
+`prepare_run` locks the run folder (one run per folder), loads the teacher, the student (a tmconvert ViM file, or a
+registry name for a from-scratch baseline whose geometry and classes follow the teacher), the data and the layer
+pairing, and checks that they fit together and that the run folder may be written — all before anything but the
+lock is written. `run_distillation` then trains, and releases the lock.
 
-The run folder's files are `runfiles.py`'s. A killed run leaves the last complete checkpoint, and `--resume`
+The run folder's files are `runfiles.py`'s. A fresh run that fails before its first checkpoint removes what it
+wrote, and a folder holding no checkpoint or student (a run killed before its first checkpoint) is started over by a
+plain rerun: there is nothing to continue. A killed run leaves the last complete checkpoint, and `--resume`
 continues from it to the very result an uninterrupted run gives: data order and augmentation are functions of
 (seed, epoch, index) (`data.loaders`), and the optimizer, scheduler and RNG states are restored. A checkpoint whose
 fingerprint (recipe minus its `run` section, teacher and student hashes, data, process count) differs from this
@@ -40,6 +43,7 @@ from tmconvert.converter.distill.recipe import LoadedRecipe, Recipe
 from tmconvert.converter.distill.runfiles import (
     TIMING_FIELDS,
     MetricsLog,
+    RunLock,
     RunPaths,
     load_checkpoint,
     save_checkpoint,
@@ -88,6 +92,7 @@ class PreparedRun:
     notes: list[str]
     dist: DistContext  # the processes and device the run was prepared for, and trains on
     resume_state: dict[str, Any] | None = None  # the checkpoint to continue from (--resume), fingerprint checked
+    lock: RunLock | None = None  # rank 0's hold on the run folder, until run_distillation ends
 
 
 def even_pairs(student_depth: int, teacher_depth: int) -> list[tuple[int, int]]:
@@ -194,8 +199,7 @@ def _check_fit(teacher: ViTConfig, student: Any, recipe: Recipe, source: ImageSo
     return notes
 
 
-def _check_folder(paths: RunPaths, *, resume: bool, force: bool) -> None:
-    folder = paths.folder
+def _check_location(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise RunError(f"--out {folder}: is a file, expected a run folder")
     parent = folder if folder.exists() else folder.parent
@@ -203,14 +207,22 @@ def _check_folder(paths: RunPaths, *, resume: bool, force: bool) -> None:
         raise RunError(f"--out {folder}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise RunError(f"--out {folder}: {parent} is not writable")
+
+
+def _check_contents(paths: RunPaths, *, resume: bool, force: bool) -> None:
+    """--resume needs a checkpoint; a plain run needs --force where a run made a checkpoint or a student (files of a
+    run stopped before its first checkpoint are replaced: nothing to continue, nothing to lose)."""
     if resume:
         if not paths.checkpoint.is_file():
-            raise RunError(f"--resume: no checkpoint to continue in {folder} (expected {paths.checkpoint.name})")
+            raise RunError(
+                f"--resume: no checkpoint to continue in {paths.folder} (expected {paths.checkpoint.name}); "
+                "a run stopped before its first checkpoint starts again without --resume"
+            )
         return
-    existing = [p.name for p in paths.all() if p.exists()]
-    if existing and not force:
+    if any(p.exists() for p in paths.results) and not force:
+        existing = [p.name for p in paths.all() if p.exists()]
         raise RunError(
-            f"--out {folder}: holds a run ({', '.join(existing)}); --resume continues it, --force starts over"
+            f"--out {paths.folder}: holds a run ({', '.join(existing)}); --resume continues it, --force starts over"
         )
 
 
@@ -219,11 +231,25 @@ def _fingerprint(parts: dict[str, Any]) -> str:
 
 
 def prepare_run(request: DistillRequest, dist: DistContext | None = None) -> PreparedRun:
-    """Load and check every input; writes nothing. Raises a `TmconvertError` naming the problem."""
+    """Lock the run folder (rank 0), then load and check every input. Raises a `TmconvertError` naming the problem,
+    and then leaves nothing behind (the lock released, a folder it made removed)."""
     dist = dist or DistContext()
-    recipe = request.recipe.recipe
     paths = RunPaths(request.out)
-    _check_folder(paths, resume=request.resume, force=request.force)
+    _check_location(paths.folder)
+    lock = RunLock.acquire(paths.lock) if dist.is_main else None
+    try:
+        prepared = _prepare(request, dist, paths)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    prepared.lock = lock
+    return prepared
+
+
+def _prepare(request: DistillRequest, dist: DistContext, paths: RunPaths) -> PreparedRun:
+    recipe = request.recipe.recipe
+    _check_contents(paths, resume=request.resume, force=request.force)
     if recipe.batch_size % dist.world:
         raise RunError(f"batch size {recipe.batch_size} is not divisible by the {dist.world} processes")
     teacher = load_classifier(request.teacher, num_heads=request.num_heads)
@@ -376,7 +402,26 @@ def run_distillation(
 ) -> DistillResult:
     """Train (fresh or resumed) until the recipe's steps are done or a stop condition hits; write the outputs.
 
-    Trains on the device and processes `prepare_run` was given (`prepared.dist`)."""
+    Trains on the device and processes `prepare_run` was given (`prepared.dist`), then releases the folder's lock. A
+    fresh run that fails before its first checkpoint removes the files it started: it left nothing to continue."""
+    fresh = prepared.dist.is_main and prepared.resume_state is None
+    try:
+        return _train(prepared, on_report, on_note)
+    except BaseException:
+        if fresh and not prepared.paths.checkpoint.exists():
+            for path in prepared.paths.started:
+                path.unlink(missing_ok=True)
+        raise
+    finally:
+        if prepared.lock is not None:
+            prepared.lock.release()
+
+
+def _train(
+    prepared: PreparedRun,
+    on_report: Callable[[StepReport], None] | None,
+    on_note: Callable[[str], None] | None,
+) -> DistillResult:
     dist = prepared.dist
     start_time = time.perf_counter()
     recipe, request, paths = prepared.recipe, prepared.request, prepared.paths
@@ -389,8 +434,7 @@ def run_distillation(
         trainer.load_state_dict(state)
         del state
     elif dist.is_main:
-        paths.folder.mkdir(parents=True, exist_ok=True)
-        for stale in (paths.checkpoint, paths.student, paths.sidecar):
+        for stale in paths.results:
             stale.unlink(missing_ok=True)  # --force: a new run must not leave the old one's results around
         write_text_atomic(paths.run, json.dumps(_run_record(prepared, dist, trainer), indent=2) + "\n")
         write_text_atomic(paths.recipe, recipe.to_yaml())
