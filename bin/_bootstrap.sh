@@ -1,5 +1,7 @@
 # Shared by bin/tmconvert and bin/test: make sure the checkout's .venv exists and holds this package.
 # Sourced, not executed. Sets TM_VENV. The first run installs (and says so); later runs return at once.
+# Everything it prints goes to stderr, pip's and venv's output included: stdout belongs to the command it starts
+# (`bin/tmconvert inspect X --json | jq` on a fresh clone).
 
 tm_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TM_VENV="${TMCONVERT_VENV:-$tm_root/.venv}"
@@ -30,9 +32,9 @@ tm_bootstrap() {
         tm_say "[$step/$steps] creating $TM_VENV (first run only)"
         if tm_has_gpu; then
             # reuse a CUDA torch that the machine already has
-            "$py" -m venv --system-site-packages "$TM_VENV" || exit 1
+            "$py" -m venv --system-site-packages "$TM_VENV" >&2 || exit 1
         else
-            "$py" -m venv "$TM_VENV" || exit 1
+            "$py" -m venv "$TM_VENV" >&2 || exit 1
         fi
     else
         tm_say "[$step/$steps] updating $TM_VENV (pyproject.toml or extras changed)"
@@ -52,11 +54,11 @@ tm_bootstrap() {
         printf '%s\n%s\n%s\n' "$tv" "$tvv" "$tt" >"$TM_VENV/cpu-constraints.txt"
         pip+=(-c "$TM_VENV/cpu-constraints.txt")
         tm_say "[$step/$steps] no GPU: installing the CPU build ($tv) and $tt for the CPU interpreter"
-        "${pip[@]}" "$tv" "$tt" || { tm_say "error: installing $tv failed"; exit 1; }
+        "${pip[@]}" "$tv" "$tt" >&2 || { tm_say "error: installing $tv failed"; exit 1; }
     fi
     step=3
     tm_say "[$step/$steps] installing tmconvert${extras:+[$extras]} and its dependencies"
-    "${pip[@]}" -e "$spec" || { tm_say "error: installing tmconvert failed"; exit 1; }
+    "${pip[@]}" -e "$spec" >&2 || { tm_say "error: installing tmconvert failed"; exit 1; }
     echo "$want" >"$stamp"
     tm_say "ready: $TM_VENV"
 }

@@ -149,7 +149,7 @@ def test_calibration_folder_and_synthetic(tmp_path):
 def test_calibration_errors(tmp_path):
     with pytest.raises(DatasetError, match="no such data folder"):
         parse_calib(str(tmp_path / "missing"))
-    with pytest.raises(DatasetError, match="at least one"):
+    with pytest.raises(DatasetError, match=r"^--calib 0: give 1 to 512 synthetic images$"):
         parse_calib("0")
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -17,6 +17,7 @@ import io
 import pickle
 import pickletools
 import re
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,9 +45,13 @@ _TORCH_BOILERPLATE = (
 
 
 def load_torch_file(path: Path, *, mmap: bool) -> Any:
-    """Unpickle a torch checkpoint with the weights-only unpickler; `mmap` for zip files (lazy tensor data)."""
+    """Unpickle a torch checkpoint with the weights-only unpickler; `mmap` for zip files (lazy tensor data).
+
+    torch warns about every pickle protocol but 2 (a plain `pickle.dumps`, or `torch.save(pickle_protocol=4)`); the
+    failure that follows says what is wrong, so the warning is not shown."""
     try:
-        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
+        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         refused = _REFUSED_GLOBAL.search(str(exc))
@@ -57,9 +62,26 @@ def load_torch_file(path: Path, *, mmap: bool) -> Any:
                 f"a plain value or an allow-listed class ({', '.join(_qualname(t) for t in ALLOWED_GLOBALS)}); "
                 "nothing from the file was executed"
             ) from exc
-        raise CheckpointError(f"{path}: corrupted torch pickle: {torch_reason(exc)}") from exc
+        raise CheckpointError(_plain_pickle(path) or f"{path}: corrupted torch pickle: {torch_reason(exc)}") from exc
     except Exception as exc:  # any failure inside torch.load is a property of the file (truncated zip, bad magic, ...)
-        raise CheckpointError(f"{path}: cannot read torch checkpoint: {torch_reason(exc)}") from exc
+        raise CheckpointError(
+            _plain_pickle(path) or f"{path}: cannot read torch checkpoint: {torch_reason(exc)}"
+        ) from exc
+
+
+def _plain_pickle(path: Path) -> str | None:
+    """The error for a pickle that torch.save did not write, told by its opcodes (nothing is run): torch's legacy
+    files open with a pickle of its magic number, zip files with no pickle at all. None for any other file."""
+    try:
+        with path.open("rb") as f:
+            ops = pickletools.genops(f)
+            opcode, protocol, _ = next(ops)
+            first_value = next(arg for op, arg, _ in ops if op.name != "FRAME")
+    except (OSError, ValueError, StopIteration):  # unreadable, or not a pickle after all
+        return None
+    if opcode.name != "PROTO" or first_value == torch.serialization.MAGIC_NUMBER:
+        return None
+    return f"{path}: not a torch checkpoint: a plain pickle (protocol {protocol}), not written by torch.save"
 
 
 def torch_reason(exc: BaseException) -> str:

@@ -19,7 +19,7 @@ from rich.table import Table
 from tmconvert.converter.cli._console import console
 from tmconvert.converter.data.loaders import ImageDataset, eval_batches
 from tmconvert.converter.data.preprocess import InputSpec, Preprocess
-from tmconvert.converter.data.sources import open_source
+from tmconvert.converter.data.sources import default_workers, open_source
 from tmconvert.converter.errors import ConfigError
 from tmconvert.converter.modelfile.classifier import LoadedModel, load_classifier
 from tmconvert.converter.verify.accuracy import EvalResult, measure_accuracy
@@ -33,7 +33,10 @@ def eval_(
     split: Annotated[str, typer.Option("--split", help="fashion-mnist split: test or train.")] = "test",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 256,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate the first N images only.")] = None,
-    workers: Annotated[int, typer.Option("--workers", min=0, help="Image loading processes.")] = 0,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", min=0, help="Image loading processes (default: one per CPU but one, at most 8)."),
+    ] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda if available).")] = None,
     heads: Annotated[int | None, typer.Option("--heads", min=1, help="ViT heads, when shapes cannot tell.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -55,6 +58,8 @@ def eval_(
     if len(source.classes) > classes:
         raise ConfigError(f"--data {data}: {len(source.classes)} classes, the model predicts {classes}")
     dataset = ImageDataset(source, Preprocess(spec, train=False))
+    if workers is None:
+        workers = default_workers(-(-min(limit or len(dataset), len(dataset)) // batch_size))
     batches = eval_batches(dataset, batch_size=batch_size, limit=limit, workers=workers)
     result = measure_accuracy(loaded.model.to(run_on), batches, num_classes=classes, device=run_on)
     if as_json:
