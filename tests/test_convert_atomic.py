@@ -1,7 +1,9 @@
-"""A conversion that fails, is interrupted or is killed mid-write leaves no output and no temp file."""
+"""A conversion that fails, is interrupted or is killed mid-write leaves no output and no temp file; one stopped while
+its files are moved into place leaves them all or none (or, after SIGKILL, what the next run undoes)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -166,3 +168,111 @@ def test_killed_process_leaves_no_output_and_no_temp_file(tmp_path, src, sig):
             proc.wait()
     assert code == (130 if sig == signal.SIGINT else -sig)
     assert os.listdir(out_dir) == []
+
+
+# A real process, stopped by a signal at the commit: a companion (`.pth` or sidecar) is in place, the weights not yet.
+_COMMIT_DRIVER = textwrap.dedent(
+    """
+    import os, sys, time
+    from tmconvert.converter.modelfile import files
+    from tmconvert.converter.cli import main
+    from tmconvert.models.registry import register
+    from tmconvert.models.vim import VimConfig
+
+    register("vim-test-atomic", VimConfig(embed_dim=16, depth=3, d_state=4))
+    weights = sys.argv[sys.argv.index("--out") + 1]
+    stem = weights.removesuffix(".safetensors")
+    companions = [stem + ".config.json", stem + ".pth"]
+
+    def identity(path):
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return info.st_dev, info.st_ino
+
+    before = {path: identity(path) for path in [weights, *companions]}
+    real = files._fsync_dir
+
+    def pausing(folder):  # called once each file is moved into place
+        real(folder)
+        if identity(weights) == before[weights] and any(identity(p) != before[p] for p in companions):
+            print("COMMITTING", flush=True)
+            time.sleep(60)
+
+    files._fsync_dir = pausing
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def _stop_at_commit(args: list[str], sig: signal.Signals) -> int:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _COMMIT_DRIVER, *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "COMMITTING", proc.stderr.read()
+        proc.send_signal(sig)
+        return proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+_SIGNALS = pytest.mark.parametrize(
+    "sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["KILL", "INT", "TERM", "HUP"]
+)
+
+
+@pytest.mark.usefixtures("tiny_target")
+@_SIGNALS
+def test_a_kill_at_the_commit_leaves_nothing_a_rerun_trips_on(tmp_path, src, sig):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = [str(src), "--to", TARGET, "--heads", "2", "--format", "vim", "--no-verify"]
+    args += ["--out", str(out_dir / "v.safetensors")]
+    assert _stop_at_commit(args, sig) == (130 if sig == signal.SIGINT else -sig)
+    if sig != signal.SIGKILL:  # undone by the process itself
+        assert os.listdir(out_dir) == []
+    assert main(args) == 0  # no --force: after SIGKILL, the rerun undoes the commit cut short first
+    assert sorted(os.listdir(out_dir)) == ["v.config.json", "v.pth", "v.safetensors"]
+
+
+@pytest.mark.usefixtures("tiny_target")
+@_SIGNALS
+def test_a_kill_while_replacing_outputs_keeps_the_old_ones_together(tmp_path, src, sig, capsys):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = [str(src), "--to", TARGET, "--heads", "2", "--format", "vim", "--no-verify"]
+    args += ["--out", str(out_dir / "v.safetensors")]
+    assert main(args) == 0
+    old = {name: (out_dir / name).read_bytes() for name in os.listdir(out_dir)}
+    assert _stop_at_commit([*args, "--seed", "1", "--force"], sig) == (130 if sig == signal.SIGINT else -sig)
+    if sig != signal.SIGKILL:
+        assert {name: (out_dir / name).read_bytes() for name in os.listdir(out_dir)} == old
+    capsys.readouterr()
+    assert main(args) == 1  # the old outputs are back, complete: replacing them needs --force again
+    assert "v.safetensors: exists; pass --force to overwrite" in capsys.readouterr().err
+    assert {name: (out_dir / name).read_bytes() for name in os.listdir(out_dir)} == old
+
+
+@pytest.mark.usefixtures("tiny_target")
+def test_a_commit_in_progress_elsewhere_is_not_undone(tmp_path, src, capsys):
+    out = tmp_path / "v.safetensors"
+    record = os.open(tmp_path / ".v.safetensors.commit", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(record, fcntl.LOCK_EX)  # another process, between placing the companions and the weights
+    try:
+        assert main([str(src), "--to", TARGET, "--heads", "2", "--out", str(out)]) == 1
+    finally:
+        os.close(record)
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"error: {out}: another process is writing it (its commit record {tmp_path}/.v.safetensors.commit is held)\n"
+    )
+    assert sorted(os.listdir(tmp_path)) == [".v.safetensors.commit", "src"]

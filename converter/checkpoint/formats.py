@@ -10,7 +10,10 @@ the file (and the tensor).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
+import stat
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -33,6 +36,7 @@ HF_WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 CONFIG_FILE = "config.json"
+_EXPECTED = "(expected a checkpoint file or a model folder)"
 
 
 class TensorStore(ABC):
@@ -152,14 +156,32 @@ class Weights:
 
 def open_weights(path: Path, *, ema: bool) -> Weights:
     """Open whatever `path` names: a weights file, a shard index or a model folder."""
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory (expected a checkpoint file or a model folder)")
-    if path.is_dir():
-        weights_file = next((path / name for name in HF_WEIGHT_FILES if (path / name).is_file()), None)
+    if stat.S_ISDIR(_stat(path).st_mode):
+        weights_file = next((path / name for name in HF_WEIGHT_FILES if os.path.lexists(path / name)), None)
         if weights_file is None:
             raise CheckpointError(f"{path}: folder holds no weights: expected one of {', '.join(HF_WEIGHT_FILES)}")
         return dataclasses.replace(_open_file(weights_file, ema=ema), format="hf-dir")
     return _open_file(path, ema=ema)
+
+
+def _stat(path: Path) -> os.stat_result:
+    """`path`'s status through links; a missing file, a loop of links and a denied look-up each say so."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file or directory {_EXPECTED}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CheckpointError(f"{path}: symbolic link loop {_EXPECTED}") from None
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _require_regular(path: Path) -> None:
+    """Only regular files are read: a FIFO or a device would block or never end."""
+    mode = _stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise CheckpointError(f"{path}: not a regular file ({kind}); expected a checkpoint file or a model folder")
 
 
 def sniff_format(path: Path) -> str:
@@ -188,6 +210,7 @@ def sniff_format(path: Path) -> str:
 
 
 def _open_file(path: Path, *, ema: bool) -> Weights:
+    _require_regular(path)
     kind = sniff_format(path)
     config = path.parent / CONFIG_FILE
     config_file = config if config.is_file() else None
@@ -246,9 +269,11 @@ def _read_weight_map(index: Path) -> dict[str, Path]:
         if not isinstance(shard_name, str) or Path(shard_name).name != shard_name:
             raise CheckpointError(f"{index}: tensor '{key}' names shard {shard_name!r}; expected a file name")
         shard = index.parent / shard_name
-        if not shard.is_file():
+        if not os.path.lexists(shard):
             raise CheckpointError(f"{index}: shard '{shard_name}' (holding tensor '{key}') does not exist")
         resolved[str(key)] = shard
+    for shard in dict.fromkeys(resolved.values()):
+        _require_regular(shard)
     return resolved
 
 

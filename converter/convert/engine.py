@@ -1,8 +1,9 @@
 """Applying a plan: choose the index sets, stream the target tensors into the output, report.
 
-The flow is `prepare` (open the checkpoint, load the mapping, derive the target config, build and check the plan,
-check the output paths: everything that can fail cheaply fails here) and then `execute` (hash the source, score and
-choose the index sets, initialise the target once, evaluate each planned tensor and write it as soon as it exists).
+The flow is `prepare` (load the mapping, open the checkpoint, check the output paths against it, derive the target
+config, build and check the plan: everything that can fail cheaply fails here) and then `execute` (hash the source,
+score and choose the index sets, initialise the target once, evaluate each planned tensor and write it as soon as it
+exists).
 
 Memory: the source is never loaded as a whole. Each target tensor reads only the source tensors its expression
 names (cached for that one tensor, e.g. fc1 read once for both in_proj halves) and is written and dropped before the
@@ -24,6 +25,7 @@ import torch
 
 from tmconvert.converter import dtypes
 from tmconvert.converter.checkpoint import Checkpoint, open_checkpoint
+from tmconvert.converter.checkpoint.formats import HF_WEIGHT_FILES
 from tmconvert.converter.configs import config_json, derive_target_config
 from tmconvert.converter.convert.subclone import SCORE_METHODS, Selection, activation_scores, choose
 from tmconvert.converter.data.calibration import calibration_batches, parse_calib
@@ -119,12 +121,12 @@ def prepare(request: ConvertRequest, *, check_outputs: bool = True) -> Prepared:
         raise ConfigError("--score activation needs calibration images: --calib DIR or --calib N (synthetic)")
     out = request.out or default_output_path(request.source, request.target)
     paths = OutputPaths.for_weights(out, vim_pth=request.format == "vim")
-    if check_outputs:
-        check_writable(paths.all(), force=request.force)
     mapping_path = find_mapping(request.mapping) if request.mapping else default_mapping_for(request.target)
     mapping = load_mapping(mapping_path)
     checkpoint = open_checkpoint(request.source, ema=request.ema, num_heads=request.num_heads)
     try:
+        if check_outputs:
+            check_writable(paths.all(), force=request.force, inputs=_inputs(checkpoint, mapping))
         target_cfg = derive_target_config(
             request.target,
             checkpoint.config,
@@ -153,6 +155,15 @@ def prepare(request: ConvertRequest, *, check_outputs: bool = True) -> Prepared:
         checkpoint.close()
         raise
     return Prepared(request, checkpoint, mapping, plan, paths, score, calib)
+
+
+def _inputs(checkpoint: Checkpoint, mapping: LoadedMapping) -> list[Path]:
+    """Every file a conversion reads, which no output may be: the weights (all shards), the file or folder named
+    (a shard index; a model folder's weight and index files), its config.json, the mapping."""
+    path = checkpoint.path
+    in_folder = [path / name for name in HF_WEIGHT_FILES] if path.is_dir() else []
+    config = [checkpoint.config_file] if checkpoint.config_file is not None else []
+    return [*checkpoint.files, path, *in_folder, *config, mapping.path]
 
 
 def choose_index_sets(prepared: Prepared) -> Selection:

@@ -7,7 +7,8 @@ mapping, the source, the options, the layer plan and the chosen index sets; a di
 sorted keys; nothing time- or host-dependent goes in, so the same inputs give a byte-identical file. Beside it,
 `<stem>.config.json` (the sidecar) carries the same metadata for people and other tools, and `--format vim` adds
 `<stem>.pth` holding `{'model': state_dict}` for the upstream Vim code. All files of one model are written
-atomically together (`files.atomic_files`): the weights appear last, and nothing appears if anything fails.
+atomically together (`files.atomic_files`): the weights appear last, nothing appears if anything fails, and a commit
+cut short by a signal or a crash is undone (by the process, or by the next write of the same file).
 
 The converter's engine and the distillation trainer both write through `write_model_file`; verification, `eval`
 and `distill` read through `load_converted`.
