@@ -210,6 +210,33 @@ def test_every_output_element_is_written(monkeypatch: pytest.MonkeyPatch, segmen
         _check_against_naive(case, 11 + reverse)
 
 
+# Sequence lengths at and around every boundary the kernels cut at: a single step, the tiles (4, 8), the chunks
+# (up to 64 steps) and, on a GPU, segment splits of long sequences.
+BOUNDARY_LENGTHS = (1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129)
+CPU_BOUNDARY_LENGTHS = (1, 2, 3, 8, 9, 17, 33)
+
+
+@pytest.mark.parametrize("seqlen", CPU_BOUNDARY_LENGTHS if DEVICE == "cpu" else BOUNDARY_LENGTHS)
+def test_boundary_lengths_with_poisoned_buffers(monkeypatch: pytest.MonkeyPatch, seqlen: int) -> None:
+    """Every length near a tile, chunk or segment boundary, both directions, N = 1 and 16, with every buffer the
+    kernels fill (outputs and scratch) starting as NaN: a read before a write shows up in a result or a gradient.
+    At one step dA is exactly zero (the state entering it is zero), so any garbage there is caught absolutely."""
+
+    def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.full(shape, math.nan, dtype=dtype, device=device)
+
+    if not INTERPRETER:
+        monkeypatch.setattr(sst, "launch_config", PRODUCTION_CONFIG)
+    monkeypatch.setattr(sst, "_new_output", poisoned)
+    dim = 8 if DEVICE == "cpu" else 64
+    for reverse in (False, True):
+        for dstate, dtype in ((1, torch.float32), (16, torch.float32), (16, torch.bfloat16)):
+            if DEVICE == "cpu" and dtype == torch.bfloat16:
+                continue
+            case = Case(batch=2, dim=dim, seqlen=seqlen, dstate=dstate, dtype=dtype, reverse=reverse)
+            _check_against_naive(case, seed=seqlen * 10 + dstate + reverse)
+
+
 def test_views_without_copies_and_strided_inputs() -> None:
     """xz.chunk halves (batch stride 2*dim*L), B/C as transposed (b, L, N) views and a non-unit L stride."""
     generator = torch.Generator().manual_seed(3)
