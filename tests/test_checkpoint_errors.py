@@ -18,6 +18,10 @@ from tests._ckpt_factory import SMALL, make_vit_state_dict, rename, write_checkp
 from tests._timm import import_timm
 from tmconvert.converter.checkpoint import open_checkpoint
 from tmconvert.converter.checkpoint.errors import CheckpointError, UnsafePickleError
+from tmconvert.converter.convert.engine import ConvertRequest, convert
+from tmconvert.models import registry as registry_module
+from tmconvert.models.registry import register
+from tmconvert.models.vim import VimConfig
 
 
 class _Payload:
@@ -373,3 +377,27 @@ def test_hf_config_json_describing_what_the_reader_cannot_build(
     (path / "config.json").write_text(json.dumps({**config, **edit}))
     with pytest.raises(CheckpointError, match=rf"config\.json: {expected}"):
         open_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("score", "calib", "signal"), [("magnitude", None, "weights"), ("activation", "2", "activations")]
+)
+def test_non_finite_teacher_weights_are_not_ranked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, score: str, calib: str | None, signal: str
+) -> None:
+    """Choosing which channels a narrower student keeps ranks scores; a NaN ranks arbitrarily, so it is refused."""
+    monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
+    register("vim-test-narrow", VimConfig(embed_dim=16, depth=2, d_state=4))
+    state = make_vit_state_dict(SMALL)
+    state["blocks.1.mlp.fc2.weight"][3, 0] = float("nan")
+    source = write_checkpoint(state, tmp_path / "nan.safetensors")
+    request = ConvertRequest(
+        source=source, target="vim-test-narrow", out=tmp_path / "out.safetensors", num_heads=2, score=score, calib=calib
+    )
+    with pytest.raises(CheckpointError) as caught:
+        convert(request)
+    assert str(caught.value) == (
+        f"index set 'residual': {score} scores are not finite (NaN or inf): the teacher's {signal} hold non-finite "
+        "values"
+    )
+    assert not (tmp_path / "out.safetensors").exists()

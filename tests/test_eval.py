@@ -9,13 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from tests._distill_factory import TEACHER, write_image_folder
 from tmconvert.converter.cli import main
 from tmconvert.converter.configs import config_json
 from tmconvert.converter.distill.run import write_student
 from tmconvert.converter.distill.runfiles import RunPaths
+from tmconvert.converter.verify.accuracy import measure_accuracy
+from tmconvert.converter.verify.numeric import VerificationError
 from tmconvert.models.vim import VimConfig, VisionMamba
 from tmconvert.models.vit import VisionTransformer
 
@@ -103,3 +107,84 @@ def test_embedded_teacher_on_fashion_mnist(capsys):
         "250",
     )
     assert report["images"] == 500 and report["top1"] > 0.85 and report["top5"] > 0.98  # 91.35 % on all 10,000
+
+
+def _edited(source: Path, target: Path, edit) -> Path:
+    """A copy of a safetensors file (metadata kept) with its tensors edited in place by `edit`."""
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = handle.metadata()
+        state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (not a dict)
+    edit(state)
+    save_file(state, str(target), metadata=metadata)
+    return target
+
+
+def _nan(state: dict[str, torch.Tensor], *names: str) -> None:
+    for name in names:
+        state[name][0] = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (
+            lambda sd: sd.update({"head.weight": torch.zeros(3, 3)}),
+            "tensor 'head.weight' has shape (3, 3); its target_config gives (10, 16)",
+        ),
+        (
+            lambda sd: sd.update({"head.weight": torch.zeros(10, 16, dtype=torch.int32)}),
+            "tensor 'head.weight' is torch.int32; model weights are floating point",
+        ),
+        (
+            lambda sd: _nan(sd, "layers.0.mixer.out_proj.weight"),
+            "tensor 'layers.0.mixer.out_proj.weight' holds non-finite values (NaN or inf)",
+        ),
+    ],
+)
+def test_a_broken_model_file_is_one_line(tmp_path, data, capsys, edit, expected):
+    broken = _edited(_vim_file(tmp_path / "vim"), tmp_path / "broken.safetensors", edit)
+    assert main(["eval", str(broken), "--data", str(data)]) == 1
+    assert capsys.readouterr().err == f"error: {broken}: {expected}\n"
+    if "non-finite" not in expected:  # verify reports non-finite weights as a failed check (tests/test_verify.py)
+        assert main(["verify", str(broken), "--calib", "2"]) == 1
+        assert capsys.readouterr().err.splitlines()[-1] == f"error: {broken}: {expected}"
+
+
+def test_a_teacher_with_non_finite_weights_is_refused(tmp_path, data, capsys):
+    broken = _edited(
+        _vit_file(tmp_path / "vit.safetensors"),
+        tmp_path / "nan.safetensors",
+        lambda sd: _nan(sd, "blocks.0.attn.qkv.weight", "norm.weight"),
+    )
+    assert main(["eval", str(broken), "--data", str(data), "--heads", "2"]) == 1
+    expected = f"error: {broken}: tensor 'blocks.0.attn.qkv.weight' (and 1 more) holds non-finite values (NaN or inf)\n"
+    assert capsys.readouterr().err == expected
+
+
+def test_non_finite_logits_are_no_accuracy():
+    class Broken(nn.Module):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            logits = torch.zeros(len(images), 10)
+            logits[-1, 3] = float("nan")
+            return logits
+
+    batches = [(torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))] * 2
+    with pytest.raises(VerificationError) as caught:
+        measure_accuracy(Broken(), batches, num_classes=10)
+    assert (
+        str(caught.value) == "the model's logits are not finite (NaN or inf) for images 0 to 3: no accuracy to report"
+    )
+
+
+def test_deeply_nested_metadata_is_one_line(tmp_path, capsys):
+    model = _vim_file(tmp_path / "vim")
+    with safe_open(str(model), framework="pt") as handle:
+        metadata = {**handle.metadata(), "layer_plan": "[" * 100_000 + "]" * 100_000}
+        state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (not a dict)
+    deep = tmp_path / "deep.safetensors"
+    save_file(state, str(deep), metadata=metadata)
+    expected = f"error: {deep}: unreadable metadata: JSON nested too deeply"
+    assert main(["eval", str(deep), "--data", "synthetic:4"]) == 1
+    assert capsys.readouterr().err == expected + "\n"
+    assert main(["verify", str(deep), "--calib", "2"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == expected

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tests._ckpt_factory import SMALL, make_vit_state_dict, write_checkpoint
 from tmconvert.converter.checkpoint import open_checkpoint
 from tmconvert.converter.cli import main
+from tmconvert.converter.cli._reports import report_table
+from tmconvert.converter.configs import config_json
 from tmconvert.converter.convert.engine import ConvertRequest, convert
 from tmconvert.converter.data.calibration import calibration_batches
 from tmconvert.converter.modelfile.converted import load_converted
-from tmconvert.converter.verify.numeric import verify_converted
+from tmconvert.converter.verify import numeric
+from tmconvert.converter.verify.numeric import NOT_DISTILLED, verify_converted
 from tmconvert.kernels import dispatch
 from tmconvert.kernels.selective_scan_ref import selective_scan_ref
 from tmconvert.models import registry as registry_module
@@ -104,5 +111,142 @@ def test_cli_fails_on_non_finite_weights(converted, tmp_path, capsys) -> None:
     assert main(["verify", str(out), "--teacher", str(teacher), "--heads", "2", "--calib", "2"]) == 0
     capsys.readouterr()
     assert main(["verify", str(broken), "--calib", "2"]) == 1
-    err = capsys.readouterr().err
-    assert "verification failed" in err and "non-finite" in err
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {broken}: verification failed: non-finite weights (NaN or inf) in tensor "
+        "'layers.0.mixer.out_proj.weight'; non-finite values in the student's outputs"
+    )
+
+
+def _rewrite(source: Path, target: Path, *, metadata=None, tensors=None) -> Path:
+    """A copy of a model file with its metadata (str -> str) and/or tensors edited by the given functions."""
+    with safe_open(str(source), framework="pt") as handle:
+        meta = dict(handle.metadata())
+        state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (not a dict)
+    if metadata is not None:
+        metadata(meta)
+    if tensors is not None:
+        tensors(state)
+    save_file(state, str(target), metadata=meta)
+    return target
+
+
+def _table_rows(report) -> dict[str, str]:
+    """The report table's rows as {check: result}, rendered wide enough for every row to fit one line."""
+    console = Console(width=400, record=True, file=io.StringIO())
+    console.print(report_table(report))
+    rows = [line.split("│")[1:3] for line in console.export_text().splitlines() if line.startswith("│")]
+    return {check.strip(): result.strip() for check, result in rows if check.strip()}
+
+
+def test_teacher_comparison_on_another_patch_grid_is_not_claimed(tmp_path: Path, capsys) -> None:
+    teacher = write_checkpoint(make_vit_state_dict(SMALL, seed=1), tmp_path / "teacher.safetensors")
+    out = tmp_path / "student.safetensors"
+    result = convert(ConvertRequest(source=teacher, target=TARGET, out=out, num_heads=2, patch_size=2))
+    why = "the student's 8×8 patch grid is not the teacher's 4×4 at 16×16 px, so their tokens do not pair one to one"
+    after_conversion = result.verify_report  # a conversion may change the grid on purpose: not a failure there
+    assert after_conversion.ok and after_conversion.teacher_comparison == "partial"
+    assert after_conversion.not_compared == {"layers": why, "final": why}
+    assert after_conversion.layers == [] and after_conversion.final_cosine is None
+    assert after_conversion.top1_agreement is not None  # same classes: the logits still compare
+    rows = _table_rows(after_conversion)
+    assert rows["teacher comparison"] == "partial" and rows["layer cosine"] == f"not measured: {why}"
+
+    assert main(["verify", str(out), "--teacher", str(teacher), "--heads", "2", "--calib", "2", "--json"]) == 1
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["ok"] is False and report["teacher_comparison"] == "partial" and report["layers"] == []
+    assert report["not_compared"] == {"layers": why, "final": why}
+    assert captured.err.splitlines()[-1] == (
+        f"error: {out}: verification failed: no comparison with the teacher: {why}"
+    )
+
+
+def test_other_widths_without_kept_channels_and_other_channels_are_not_compared(converted, tmp_path) -> None:
+    teacher_path, out = converted
+    no_sets = _rewrite(out, tmp_path / "no-sets.safetensors", metadata=lambda m: m.pop("index_sets"))
+    with open_checkpoint(teacher_path, num_heads=2) as ckpt:
+        report = verify_converted(no_sets, teacher=ckpt, calib=2)
+    why = (
+        "the student is 16 channels wide and the teacher 32, and the file records no residual channel set that fits "
+        "this teacher"
+    )
+    assert report.not_compared == {"layers": why, "final": why} and report.teacher_comparison == "partial"
+    grey = dataclasses.replace(SMALL, in_chans=1)
+    grey_teacher = write_checkpoint(make_vit_state_dict(grey), tmp_path / "grey.safetensors")
+    with open_checkpoint(grey_teacher, num_heads=2) as ckpt:
+        report = verify_converted(out, teacher=ckpt, calib=2, require_teacher=True)
+    why = "the teacher reads 1-channel images, the student 3-channel ones"
+    assert report.teacher_comparison == "skipped"
+    assert report.not_compared == dict.fromkeys(("layers", "final", "top1"), why)
+    assert report.problems == [f"no comparison with the teacher: {why}"]
+
+
+def test_a_layer_plan_beyond_the_teachers_depth_is_said(converted, tmp_path) -> None:
+    _, out = converted
+    shallow = write_checkpoint(make_vit_state_dict(dataclasses.replace(SMALL, depth=1)), tmp_path / "t1.safetensors")
+    with open_checkpoint(shallow, num_heads=2) as ckpt:
+        report = verify_converted(out, teacher=ckpt, calib=2)
+    assert report.not_compared == {"layers": "the file's layer plan names teacher block 1; this teacher's last is 0"}
+    assert report.final_cosine is not None and report.ok
+
+
+def test_a_converted_students_agreement_is_labelled_informational(converted, tmp_path) -> None:
+    teacher_path, out = converted
+    with open_checkpoint(teacher_path, num_heads=2) as ckpt:
+        report = verify_converted(out, teacher=ckpt, calib=2)
+        assert report.stage == "converted" and report.notes == [NOT_DISTILLED] and report.teacher_comparison == "done"
+        rows = _table_rows(report)
+        agreement = f"{100 * report.top1_agreement:.1f} %"
+        assert rows["top-1 agreement"] == f"{agreement} (informational: not distilled yet, see the note)"
+        assert rows["note"] == NOT_DISTILLED
+        distilled = _rewrite(out, tmp_path / "distilled.safetensors", metadata=lambda m: m.update(distill="{}"))
+        report = verify_converted(distilled, teacher=ckpt, calib=2)
+    assert report.stage == "distilled" and report.notes == []
+    rows = _table_rows(report)
+    assert rows["top-1 agreement"] == f"{100 * report.top1_agreement:.1f} %" and "note" not in rows
+
+
+def test_a_teacher_with_non_finite_weights_fails_verification(converted, tmp_path) -> None:
+    _, out = converted
+    state = make_vit_state_dict(SMALL, seed=1)
+    state["blocks.1.attn.proj.weight"][0, 0] = float("nan")
+    broken = write_checkpoint(state, tmp_path / "nan-teacher.safetensors")
+    with open_checkpoint(broken, num_heads=2) as ckpt:
+        report = verify_converted(out, teacher=ckpt, calib=2)
+    assert not report.ok and report.problems == [
+        "non-finite values in the teacher's outputs (its weights or its norm eps)"
+    ]
+    assert report.teacher_comparison == "skipped" and report.layers == [] and report.final_cosine is None
+
+
+def test_cpu_batches_give_the_same_report(converted, monkeypatch) -> None:
+    teacher_path, out = converted
+    with open_checkpoint(teacher_path, num_heads=2) as ckpt:
+        whole = verify_converted(out, teacher=ckpt, calib=5, seed=2)
+        monkeypatch.setattr(numeric, "CPU_SCAN_ELEMENTS", 1)  # one image at a time
+        one_by_one = verify_converted(out, teacher=ckpt, calib=5, seed=2)
+    assert one_by_one.images == whole.images == 5 and one_by_one.top1_agreement == whole.top1_agreement
+    assert [s.cosine for s in one_by_one.layers] == pytest.approx([s.cosine for s in whole.layers], abs=1e-6)
+    assert one_by_one.final_cosine == pytest.approx(whole.final_cosine, abs=1e-6)
+
+
+def test_malformed_verification_metadata_is_one_line(converted, tmp_path, capsys) -> None:
+    teacher, out = converted
+    args = ["--teacher", str(teacher), "--heads", "2", "--calib", "2"]
+    plan = _rewrite(out, tmp_path / "plan.safetensors", metadata=lambda m: m.update(layer_plan='"all"'))
+    assert main(["verify", str(plan), *args]) == 1
+    expected = f"error: {plan}: its layer_plan metadata is not a list of {{layer, block}} rows"
+    assert capsys.readouterr().err.splitlines()[-1] == expected
+    sets = _rewrite(out, tmp_path / "sets.safetensors", metadata=lambda m: m.update(index_sets="[1]"))
+    assert main(["verify", str(sets), *args, "--json"]) == 1  # no kept channels recorded: features not compared
+    assert set(json.loads(capsys.readouterr().out)["not_compared"]) == {"layers", "final"}
+
+
+def test_a_vit_model_file_is_not_verified_as_a_vim(tmp_path, capsys) -> None:
+    cfg = dataclasses.replace(SMALL, num_heads=2)
+    state = {k: v.contiguous() for k, v in VisionTransformer(cfg).state_dict().items()}
+    metadata = {"format": "tmconvert", "family": "vit", "target_config": json.dumps(config_json(cfg))}
+    save_file(state, str(tmp_path / "vit.safetensors"), metadata=metadata)
+    assert main(["verify", str(tmp_path / "vit.safetensors"), "--calib", "2"]) == 1
+    expected = f"error: {tmp_path / 'vit.safetensors'}: a vit model; verify checks ViM model files"
+    assert capsys.readouterr().err.splitlines()[-1] == expected

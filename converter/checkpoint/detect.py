@@ -59,44 +59,46 @@ class Detection:
 
 
 def read_config_hints(file: Path) -> ConfigHints | None:
-    """Parse a config.json; None when it describes something other than a ViT (it is then not ours to judge)."""
+    """Parse a config.json; None when it describes something other than a ViT (it is then not ours to judge).
+
+    Every value read is checked (type, range, finiteness): a value that is there but wrong is an error naming the
+    file and key, never replaced by a default."""
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"{file}: unreadable config file: JSON nested too deeply") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{file}: unreadable config file (expected JSON): {exc}") from exc
     if not isinstance(data, dict):
         return None
     model_type = data.get("model_type")
     if model_type == "clip":  # a whole CLIPModel: the image tower's settings are its vision_config
-        data = data.get("vision_config") if isinstance(data.get("vision_config"), dict) else {}
-    elif model_type not in HF_MODEL_TYPES and not (model_type is None and "hidden_size" in data):
+        fields = _Fields(data, file).section("vision_config")
+    elif model_type in HF_MODEL_TYPES or (model_type is None and "hidden_size" in data):
+        fields = _Fields(data, file)
+    else:
         return _timm_hints(data, file)  # a timm hub config, or not ours to judge
-    if data.get("use_swiglu_ffn") is True:
+    if fields.flag("use_swiglu_ffn"):
         raise CheckpointError(f"{file}: use_swiglu_ffn (a SwiGLU MLP) is not supported: {PLAIN_VIT}")
-    act = data.get("hidden_act")
-    if act is not None and act not in ACTIVATIONS:
-        raise CheckpointError(
-            f"{file}: hidden_act {act!r} is not supported: tmconvert's ViT has {', '.join(map(repr, ACTIVATIONS))}"
-        )
-    embed_dim = _int(data, "hidden_size", file)
-    mlp_hidden = _int(data, "intermediate_size", file)
-    ratio = data.get("mlp_ratio")  # DINOv2 gives the MLP width as a ratio (transformers: int(hidden * ratio))
-    if mlp_hidden is None and embed_dim is not None and isinstance(ratio, int | float) and not isinstance(ratio, bool):
+    embed_dim = fields.integer("hidden_size")
+    mlp_hidden = fields.integer("intermediate_size")
+    ratio = fields.number("mlp_ratio")  # DINOv2 gives the MLP width as a ratio (transformers: int(hidden * ratio))
+    if mlp_hidden is None and embed_dim is not None and ratio is not None:
         mlp_hidden = int(embed_dim * ratio)
     return ConfigHints(
         file=file,
         kind="hf",
         embed_dim=embed_dim,
-        depth=_int(data, "num_hidden_layers", file),
-        num_heads=_int(data, "num_attention_heads", file),
+        depth=fields.integer("num_hidden_layers"),
+        num_heads=fields.integer("num_attention_heads"),
         mlp_hidden=mlp_hidden,
-        img_size=_pair(data.get("image_size"), "image_size", file),
-        patch_size=_square(_pair(data.get("patch_size"), "patch_size", file), "patch_size", file),
-        in_chans=_int(data, "num_channels", file),
-        qkv_bias=data.get("qkv_bias") if isinstance(data.get("qkv_bias"), bool) else None,
-        norm_eps=float(data["layer_norm_eps"]) if isinstance(data.get("layer_norm_eps"), int | float) else None,
-        act=act,
-        reg_tokens=_int(data, "num_register_tokens", file),
+        img_size=fields.pair("image_size"),
+        patch_size=fields.square("patch_size"),
+        in_chans=fields.integer("num_channels"),
+        qkv_bias=fields.flag("qkv_bias"),
+        norm_eps=fields.eps("layer_norm_eps"),
+        act=fields.activation("hidden_act"),
+        reg_tokens=fields.integer("num_register_tokens", minimum=0),
     )
 
 
@@ -105,25 +107,117 @@ def _timm_hints(data: dict[str, Any], file: Path) -> ConfigHints | None:
     architecture = data.get("architecture")
     if not isinstance(architecture, str):
         return None
-    args = data.get("model_args") if isinstance(data.get("model_args"), dict) else {}
-    input_size = (data.get("pretrained_cfg") or {}).get("input_size")
-    img_size = _pair(args.get("img_size"), "model_args.img_size", file)
-    if img_size is None and isinstance(input_size, list) and len(input_size) == 3:
-        img_size = _pair(input_size[1:], "pretrained_cfg.input_size", file)
-    act = args.get("act_layer") if args.get("act_layer") in ACTIVATIONS else None
+    top = _Fields(data, file)
+    args = top.section("model_args")
+    img_size = args.pair("img_size")
+    if img_size is None:
+        input_size = top.section("pretrained_cfg").triple("input_size")  # (channels, height, width)
+        img_size = input_size[1:] if input_size is not None else None
+    act = args.activation("act_layer")
     if act is None and "quickgelu" in architecture:  # timm's CLIP models for OpenAI weights, e.g. *_clip_quickgelu_224
         act = "quick_gelu"
     return ConfigHints(
         file=file,
         kind="timm",
-        embed_dim=_int(args, "embed_dim", file),
-        depth=_int(args, "depth", file),
-        num_heads=_int(args, "num_heads", file),
+        embed_dim=args.integer("embed_dim"),
+        depth=args.integer("depth"),
+        num_heads=args.integer("num_heads"),
         img_size=img_size,
-        patch_size=_square(_pair(args.get("patch_size"), "model_args.patch_size", file), "patch_size", file),
-        in_chans=_int(args, "in_chans", file),
+        patch_size=args.square("patch_size"),
+        in_chans=args.integer("in_chans"),
         act=act,
     )
+
+
+class _Fields:
+    """One JSON object of a config file, read key by key. A key that is absent (or null) reads as None; a value that
+    is there but not what the key means (a list for an int, 0 heads, a string or NaN eps) is a one-line error naming
+    the file and the key, so a broken config.json is never silently replaced by defaults."""
+
+    def __init__(self, data: Mapping[str, Any], file: Path, prefix: str = ""):
+        self._data, self._file, self._prefix = data, file, prefix
+
+    def _get(self, key: str) -> Any:
+        return self._data.get(key)
+
+    def _refuse(self, key: str, value: Any, expected: str) -> CheckpointError:
+        return CheckpointError(f"{self._file}: '{self._prefix}{key}' is {value!r}; expected {expected}")
+
+    def integer(self, key: str, *, minimum: int = 1) -> int | None:
+        value = self._get(key)
+        if value is not None and not _is_int(value, minimum):
+            raise self._refuse(key, value, "a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+        return value
+
+    def number(self, key: str) -> float | None:
+        """A finite positive number."""
+        value = self._get(key)
+        if value is not None and not (_is_number(value) and value > 0):
+            raise self._refuse(key, value, "a finite positive number")
+        return None if value is None else float(value)
+
+    def eps(self, key: str) -> float | None:
+        """A norm epsilon: finite, positive and below 1."""
+        value = self._get(key)
+        if value is not None and not (_is_number(value) and 0 < value < 1):
+            raise self._refuse(key, value, "a finite number between 0 and 1 (a norm epsilon)")
+        return None if value is None else float(value)
+
+    def flag(self, key: str) -> bool | None:
+        value = self._get(key)
+        if value is not None and not isinstance(value, bool):
+            raise self._refuse(key, value, "true or false")
+        return value
+
+    def activation(self, key: str) -> str | None:
+        value = self._get(key)
+        if value is not None and (not isinstance(value, str) or value not in ACTIVATIONS):
+            raise CheckpointError(
+                f"{self._file}: {self._prefix}{key} {value!r} is not supported: tmconvert's ViT has "
+                f"{', '.join(map(repr, ACTIVATIONS))}"
+            )
+        return value
+
+    def pair(self, key: str) -> tuple[int, int] | None:
+        """A positive int or a 2-list of them, as (height, width)."""
+        value = self._get(key)
+        if value is None:
+            return None
+        if _is_int(value, 1):
+            return (value, value)
+        if isinstance(value, list) and len(value) == 2 and all(_is_int(v, 1) for v in value):
+            return (value[0], value[1])
+        raise self._refuse(key, value, "a positive integer or [height, width]")
+
+    def square(self, key: str) -> int | None:
+        pair = self.pair(key)
+        if pair is not None and pair[0] != pair[1]:
+            raise CheckpointError(f"{self._file}: non-square {self._prefix}{key} {pair[0]}×{pair[1]} is not supported")
+        return None if pair is None else pair[0]
+
+    def triple(self, key: str) -> tuple[int, int, int] | None:
+        """[channels, height, width] of positive ints (timm's `input_size`)."""
+        value = self._get(key)
+        if value is None:
+            return None
+        if not (isinstance(value, list) and len(value) == 3 and all(_is_int(v, 1) for v in value)):
+            raise self._refuse(key, value, "[channels, height, width] of positive integers")
+        return (value[0], value[1], value[2])
+
+    def section(self, key: str) -> _Fields:
+        """A nested object (empty when absent)."""
+        value = self._get(key)
+        if value is not None and not isinstance(value, dict):
+            raise self._refuse(key, value, "an object")
+        return _Fields(value or {}, self._file, f"{self._prefix}{key}.")
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def detect_vit_config(
@@ -389,31 +483,3 @@ def _require(shapes: Mapping[str, tuple[int, ...]], name: str, path: Path) -> tu
     if shape is None:
         raise CheckpointError(f"{path}: incomplete ViT: missing tensor {name}")
     return shape
-
-
-def _int(data: Mapping[str, Any], key: str, file: Path) -> int | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise CheckpointError(f"{file}: '{key}' is {value!r}; expected an integer")
-    return value
-
-
-def _pair(value: Any, key: str, file: Path) -> tuple[int, int] | None:
-    """An int or a 2-list of ints as (height, width)."""
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return (value[0], value[1])
-    raise CheckpointError(f"{file}: '{key}' is {value!r}; expected an integer or [height, width]")
-
-
-def _square(pair: tuple[int, int] | None, key: str, file: Path) -> int | None:
-    if pair is None:
-        return None
-    if pair[0] != pair[1]:
-        raise CheckpointError(f"{file}: non-square {key} {pair[0]}×{pair[1]} is not supported")
-    return pair[0]

@@ -7,6 +7,8 @@ from rich.table import Table
 
 from tmconvert.converter.verify.numeric import VerifyReport
 
+_MEASURE_NAMES = {"layers": "layer cosine", "final": "final features cosine", "top1": "top-1 agreement"}
+
 
 def report_table(report: VerifyReport) -> Table:
     """The verification report as one rich table."""
@@ -15,7 +17,11 @@ def report_table(report: VerifyReport) -> Table:
     table.add_column("result")
     table.add_row("finite outputs", "yes" if report.finite else "[red]NO[/]")
     for name, err in report.backends.items():
-        table.add_row(f"backend {name}", "reference" if err == 0.0 else f"rel. error {err:.2e} vs reference")
+        result = "not compared" if err is None else "reference" if err == 0.0 else f"rel. error {err:.2e} vs reference"
+        table.add_row(f"backend {name}", result)
+    status = report.teacher_comparison
+    if status != "not requested":
+        table.add_row("teacher comparison", status if status == "done" else f"[yellow]{status}[/]")
     if report.layers:
         cells = [f"{s.layer}←{s.block if s.block is not None else '·'} {s.cosine:.3f}" for s in report.layers]
         rows = [", ".join(cells[i : i + 6]) for i in range(0, len(cells), 6)]
@@ -23,7 +29,12 @@ def report_table(report: VerifyReport) -> Table:
     if report.final_cosine is not None:
         table.add_row("final features cosine", f"{report.final_cosine:.3f}")
     if report.top1_agreement is not None:
-        table.add_row("top-1 agreement", f"{100 * report.top1_agreement:.1f} %")
+        informational = " (informational: not distilled yet, see the note)" if report.stage == "converted" else ""
+        table.add_row("top-1 agreement", f"{100 * report.top1_agreement:.1f} %{informational}")
+    for measure, reason in report.not_compared.items():
+        table.add_row(f"[yellow]{_MEASURE_NAMES[measure]}[/]", f"[yellow]not measured:[/] {escape(reason)}")
+    for note in report.notes:
+        table.add_row("note", escape(note))
     for problem in report.problems:
         table.add_row("[red]problem[/]", escape(problem))
     return table

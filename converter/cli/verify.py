@@ -38,7 +38,9 @@ def verify(
     err_console.print(f"verifying {escape(str(path))} on {device} …")
     if teacher is not None:
         with open_checkpoint(teacher, num_heads=heads) as ckpt:
-            report = verify_converted(path, teacher=ckpt, calib=calib_value, seed=seed, device=device)
+            report = verify_converted(
+                path, teacher=ckpt, calib=calib_value, seed=seed, device=device, require_teacher=True
+            )
     else:
         report = verify_converted(path, calib=calib_value, seed=seed, device=device)
     if as_json:

@@ -14,7 +14,8 @@ teacher signal ranks them. This module computes the scores and turns them into s
 - `uniform` (weight selection, Xu et al. 2024): evenly spaced indices, no scores at all.
 
 Selection keeps the `keep` highest scores, ties broken by the lower index, and returns them sorted; keeping every
-channel is the identity selection whatever the scores. Everything is deterministic for a given seed.
+channel is the identity selection whatever the scores. Scores that are not finite (a teacher with NaN or inf weights
+or activations) are refused, not ranked. Everything is deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from tmconvert.converter.checkpoint import CheckpointError
 from tmconvert.converter.data.errors import DatasetError
 from tmconvert.converter.errors import TmconvertError
 from tmconvert.converter.plan.plan import IndexSetPlan
@@ -160,6 +162,12 @@ def choose(
                 if scores.numel() != index_set.full:
                     raise TmconvertError(
                         f"index set {index_set.name!r}: {scores.numel()} scores for {index_set.full} entries"
+                    )
+                if not bool(torch.isfinite(scores).all()):  # NaN would rank arbitrarily: refuse to choose
+                    where = "" if block is None else f" of block {block}"
+                    raise CheckpointError(
+                        f"index set {index_set.name!r}{where}: {method} scores are not finite (NaN or inf): the "
+                        f"teacher's {'weights' if method == 'magnitude' else 'activations'} hold non-finite values"
                     )
                 per_block[block] = top_k_sorted(scores, index_set.keep)
         selection[index_set.name] = per_block

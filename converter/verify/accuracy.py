@@ -1,4 +1,5 @@
-"""Accuracy of a classifier on labelled images: what `tmconvert eval` reports."""
+"""Accuracy of a classifier on labelled images: what `tmconvert eval` reports (non-finite logits are an error, not
+an accuracy: a NaN ranks arbitrarily)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tmconvert.converter.errors import ConfigError
+from tmconvert.converter.verify.numeric import VerificationError
 
 
 @dataclass
@@ -59,6 +61,11 @@ def measure_accuracy(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(images)
         logits = logits.float()
+        if not bool(torch.isfinite(logits).all()):
+            raise VerificationError(
+                f"the model's logits are not finite (NaN or inf) for images {seen} to {seen + len(labels) - 1}: "
+                "no accuracy to report"
+            )
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         top = logits.topk(k, dim=-1).indices
         hits = top == labels[:, None]

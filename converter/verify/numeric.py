@@ -1,17 +1,36 @@
 """Numerical verification of a converted ViM: it runs, its backends agree, and it resembles its teacher.
 
 Runs after every conversion (unless `--no-verify`) and as `tmconvert verify OUT [--teacher SRC]`:
-1. build the target from the written file alone (config from its metadata) and run calibration images through it;
-   anything non-finite fails;
+1. load the written file alone (`load_model_file`: the config from its metadata, every tensor checked against it)
+   and run calibration images through it;
 2. run the same images through every selective-scan backend usable here and compare each with `reference`;
 3. with the teacher: per-layer cosine similarity of student and teacher token features, pairing student layer j
-   with the teacher block the layer plan names and comparing on the residual channels the student kept, and top-1
-   agreement of the logits when the classifier was inherited.
+   with the teacher block the layer plan names and comparing on the residual channels the student kept, the cosine
+   of the final features, and top-1 agreement of the logits when both models classify into the same classes.
+
+The verdict: `ok` is true when every check that ran passed, i.e. the student's weights and outputs and the
+teacher's outputs are finite, every backend is within `BACKEND_TOLERANCE` of `reference`, and every similarity is a
+finite number: a NaN or inf result is a failure, never a pass. A teacher measure that could not be made is not a
+check that passed: `teacher_comparison` says what was compared ('not requested', 'done', 'partial' or 'skipped') and
+`not_compared` why each missing measure ('layers', 'final', 'top1') is missing (another patch grid, other widths
+without a record of the kept channels, a teacher without a head, ...). When the caller asks for the comparison
+(`require_teacher`, as `tmconvert verify --teacher` does), features that could not be compared are a problem, so
+`ok` is false. After a conversion they are not: a conversion may change the patch grid on purpose, and the report
+says the comparison was skipped and why.
+
+Similarity is measured, not judged: a model that was converted but not distilled (`stage` 'converted') has new,
+untrained mixers, so its cosines and top-1 agreement start low (often 0 % agreement) and show where distillation
+starts, not whether the conversion worked; `notes` says so.
+
+On a CPU the student runs a few images at a time: the reference scan materialises (images × tokens × channels ×
+state) tensors, and above 32 MB the C allocator maps each one fresh (page faults on every call) where smaller ones
+are reused; batches kept under `CPU_SCAN_ELEMENTS` halve the time of a ViM-S on 32 images at 112 px.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +40,24 @@ import torch.nn.functional as F
 from tmconvert.converter.checkpoint import Checkpoint
 from tmconvert.converter.data.calibration import calibration_batches
 from tmconvert.converter.errors import TmconvertError
-from tmconvert.converter.modelfile.converted import load_converted
+from tmconvert.converter.modelfile.classifier import load_model_file, non_finite_tensors
 from tmconvert.kernels import available_backends, use_backend
-from tmconvert.models import MambaOutput, ViTConfig, build_model
+from tmconvert.models import MambaOutput, VimConfig, ViTConfig
 
 # Relative L2 error allowed between a backend and `reference` on fp32 logits and final tokens.
 BACKEND_TOLERANCE = 1e-4
+# Elements of one (images × tokens × d_inner × d_state) scan tensor per CPU forward (16 MB of fp32).
+CPU_SCAN_ELEMENTS = 1 << 22
+MEASURES = ("layers", "final", "top1")  # what a teacher comparison measures (`VerifyReport.not_compared` keys)
+NOT_DISTILLED = (
+    "converted, not distilled: the Mamba mixers that replace attention are not trained yet, so low cosines and top-1 "
+    "agreement (often 0 %) are expected; they show where distillation starts, not whether the conversion worked "
+    "(`tmconvert distill` trains the student towards the teacher)"
+)
 
 
 class VerificationError(TmconvertError):
-    """A converted model failed verification (non-finite outputs or backends that disagree)."""
+    """A model failed verification (non-finite outputs, backends that disagree), or its file cannot be verified."""
 
 
 @dataclass
@@ -45,10 +72,14 @@ class VerifyReport:
     path: str
     images: int
     finite: bool
-    backends: dict[str, float]  # backend -> relative error vs reference (reference itself: 0.0)
+    backends: dict[str, float | None]  # backend -> relative error vs reference; None: not compared (non-finite)
+    stage: str  # 'converted' or 'distilled' (the file's metadata): what similarity to the teacher to expect
+    teacher_comparison: str = "not requested"  # 'not requested', 'done', 'partial' or 'skipped'
+    not_compared: dict[str, str] = field(default_factory=dict)  # measure (`MEASURES`) -> why it was not made
     layers: list[LayerSimilarity] = field(default_factory=list)
     final_cosine: float | None = None
     top1_agreement: float | None = None
+    notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -67,9 +98,40 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def _forward(model: torch.nn.Module, images: torch.Tensor, backend: str) -> MambaOutput:
+def _finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _forward(model: torch.nn.Module, cfg: VimConfig, images: torch.Tensor, backend: str) -> MambaOutput:
+    """The model's outputs on `images`; on a CPU in batches of at most `CPU_SCAN_ELEMENTS` scan elements."""
+    per_image = cfg.seq_len * cfg.d_inner * cfg.d_state
+    step = max(1, CPU_SCAN_ELEMENTS // per_image) if images.device.type == "cpu" else len(images)
     with use_backend(backend), torch.no_grad():
-        return model.forward_all(images)
+        parts = [model.forward_all(images[i : i + step]) for i in range(0, len(images), step)]
+    return MambaOutput(
+        logits=torch.cat([p.logits for p in parts]),
+        final_tokens=torch.cat([p.final_tokens for p in parts]),
+        layer_tokens=[torch.cat(tokens) for tokens in zip(*(p.layer_tokens for p in parts), strict=True)],
+    )
+
+
+def _images(calib: str | int, cfg: VimConfig, max_images: int, seed: int) -> torch.Tensor:
+    """The first `max_images` calibration images at the student's input size."""
+    geometry = ViTConfig(
+        img_size=cfg.img_size,
+        in_chans=cfg.in_chans,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim,
+        num_heads=1,
+        mlp_hidden=cfg.embed_dim,
+    )
+    batches, count = [], 0
+    for batch in calibration_batches(calib, geometry, seed=seed, limit=max_images):  # read no more than used
+        batches.append(batch[: max_images - count])
+        count += len(batches[-1])
+        if count >= max_images:
+            break
+    return torch.cat(batches)
 
 
 def verify_converted(
@@ -81,82 +143,178 @@ def verify_converted(
     seed: int = 0,
     device: str | torch.device = "cpu",
     backends: list[str] | None = None,
+    require_teacher: bool = False,
 ) -> VerifyReport:
-    """Verify the converted file at `path`; see the module docstring. Never raises for a failed check: the report
-    lists the problems (`report.ok`), so callers decide how loud to be."""
+    """Verify the model file at `path`; see the module docstring. Never raises for a failed check: the report
+    lists the problems (`report.ok`), so callers decide how loud to be. A file that is no ViM model file raises."""
     path = Path(path)
-    cfg, state, metadata = load_converted(path)
+    loaded = load_model_file(path)
+    cfg, metadata = loaded.config, loaded.metadata
+    if not isinstance(cfg, VimConfig):
+        raise VerificationError(f"{path}: a {loaded.family} model; verify checks ViM model files")
     device = torch.device(device)
-    student = build_model(cfg, device="meta")
-    student.load_state_dict(state, strict=True, assign=True)
-    student = student.float().to(device).eval()
-
-    # Images at the student's input size; a teacher trained at another size resamples its position embedding.
-    if teacher is not None:
-        images_cfg = replace(teacher.config, img_size=cfg.img_size, in_chans=cfg.in_chans)
-    else:
-        images_cfg = ViTConfig(
-            img_size=cfg.img_size,
-            in_chans=cfg.in_chans,
-            patch_size=cfg.patch_size,
-            embed_dim=cfg.embed_dim,
-            num_heads=1,
-            mlp_hidden=cfg.embed_dim,
-        )
-    batches, count = [], 0
-    for batch in calibration_batches(calib, images_cfg, seed=seed):
-        batches.append(batch[: max_images - count])
-        count += len(batches[-1])
-        if count >= max_images:
-            break
-    images = torch.cat(batches).to(device)
+    student = loaded.model.to(device).eval()
+    images = _images(calib, cfg, max_images, seed).to(device)
+    stage = "distilled" if "distill" in metadata else "converted"
+    report = VerifyReport(path=str(path), images=len(images), finite=True, backends={}, stage=stage)
+    broken = non_finite_tensors(student)
+    if broken is not None:
+        report.problems.append(f"non-finite weights (NaN or inf) in {broken}")
 
     # On a CPU, Triton only runs in its interpreter (a debugging aid): compare it there only when asked to.
     usable = backends or [b for b in available_backends(device) if device.type == "cuda" or b != "triton"]
-    outputs = {name: _forward(student, images, name) for name in usable}
+    outputs = {name: _forward(student, cfg, images, name) for name in usable}
     ref_name = "reference" if "reference" in outputs else usable[0]
     ref = outputs[ref_name]
-    finite = all(torch.isfinite(t).all() for out in outputs.values() for t in (out.logits, out.final_tokens))
-    report = VerifyReport(path=str(path), images=len(images), finite=bool(finite), backends={})
-    if not finite:
+    report.finite = all(_finite(out.logits, out.final_tokens) for out in outputs.values())
+    if not report.finite:
         report.problems.append("non-finite values in the student's outputs")
-    for name, out in outputs.items():
-        err = max(_relative_error(out.logits, ref.logits), _relative_error(out.final_tokens, ref.final_tokens))
-        report.backends[name] = err
-        if err > BACKEND_TOLERANCE:
-            report.problems.append(f"backend {name} differs from {ref_name} by {err:.2e} (> {BACKEND_TOLERANCE:g})")
+        report.backends = dict.fromkeys(outputs)
+    else:
+        for name, out in outputs.items():
+            err = max(_relative_error(out.logits, ref.logits), _relative_error(out.final_tokens, ref.final_tokens))
+            report.backends[name] = err
+            if not err <= BACKEND_TOLERANCE:  # NaN fails too
+                report.problems.append(f"backend {name} differs from {ref_name} by {err:.2e} (> {BACKEND_TOLERANCE:g})")
 
-    if teacher is None:
-        return report
-    vit = teacher.model().to(device).eval()
-    with torch.no_grad():
-        tout = vit.forward_all(images)
-    teacher_grid = (cfg.img_size[0] // teacher.config.patch_size, cfg.img_size[1] // teacher.config.patch_size)
-    try:
-        token_index, valid = cfg.token_layout().positions_in(teacher.config.token_layout(teacher_grid))
-    except ValueError:  # other patch size: no token-by-token comparison
-        token_index = valid = None
-    residual = metadata.get("index_sets", {}).get("residual", {}).get("indices", {})
-    channels = torch.tensor(next(iter(residual.values())), device=device) if residual else None
-    if token_index is not None and (channels is not None or cfg.embed_dim == teacher.config.embed_dim):
-        token_index, valid = token_index.to(device), valid.to(device)
+    if teacher is not None:
+        _compare_with_teacher(report, ref, teacher, cfg, metadata, images, path)
+        if require_teacher and "final" in report.not_compared:
+            report.problems.append(f"no comparison with the teacher: {report.not_compared['final']}")
+        if stage == "converted" and len(report.not_compared) < len(MEASURES):
+            report.notes.append(NOT_DISTILLED)
+    return report
+
+
+def _compare_with_teacher(
+    report: VerifyReport,
+    ref: MambaOutput,
+    teacher: Checkpoint,
+    cfg: VimConfig,
+    metadata: dict[str, Any],
+    images: torch.Tensor,
+    path: Path,
+) -> None:
+    """Fill the report's teacher measures, or say in `not_compared` why each one could not be made."""
+    tcfg = teacher.config
+    skip_all = _unrunnable(cfg, tcfg) if report.finite else "the student's outputs are not finite"
+    if skip_all is None:
+        vit = teacher.model().to(images.device).eval()
+        with torch.no_grad():
+            tout = vit.forward_all(images)
+        if not _finite(tout.logits, tout.final_tokens):
+            report.problems.append("non-finite values in the teacher's outputs (its weights or its norm eps)")
+            skip_all = "the teacher's outputs are not finite"
+    if skip_all is not None:
+        report.not_compared = dict.fromkeys(MEASURES, skip_all)
+        report.teacher_comparison = "skipped"
+        return
+
+    features = _feature_pairing(cfg, tcfg, metadata)
+    if isinstance(features, str):
+        report.not_compared.update(layers=features, final=features)
+    else:
+        token_index, valid, channels = (x if x is None else x.to(images.device) for x in features)
 
         def as_student(tokens: torch.Tensor) -> torch.Tensor:
             tokens = tokens[:, token_index]
             return tokens if channels is None else tokens[..., channels]
 
-        plan = {row["layer"]: row["block"] for row in metadata.get("layer_plan", [])}
-        last_block = None
-        for j, tokens in enumerate(ref.layer_tokens):
-            block = plan.get(j)
-            last_block = block if block is not None else last_block
-            compare = block if block is not None else last_block
-            if compare is None:
-                continue
-            cos = _mean_token_cosine(tokens, as_student(tout.layer_tokens[compare]), valid)
-            report.layers.append(LayerSimilarity(layer=j, block=block, cosine=cos))
+        plan = _layer_plan(metadata, path)
+        beyond = sorted(b for b in plan.values() if b >= tcfg.depth)
+        if beyond:
+            report.not_compared["layers"] = (
+                f"the file's layer plan names teacher block {beyond[-1]}; this teacher's last is {tcfg.depth - 1}"
+            )
+        elif not plan:
+            report.not_compared["layers"] = "no student layer was initialised from a teacher block (layer plan)"
+        else:
+            last_block = None
+            for j, tokens in enumerate(ref.layer_tokens):
+                block = plan.get(j)
+                last_block = block if block is not None else last_block
+                if last_block is None:
+                    continue
+                cos = _mean_token_cosine(tokens, as_student(tout.layer_tokens[last_block]), valid)
+                report.layers.append(LayerSimilarity(layer=j, block=block, cosine=cos))
+                if not math.isfinite(cos):
+                    report.problems.append(f"layer {j}: cosine to teacher block {last_block} is {cos}")
         report.final_cosine = _mean_token_cosine(ref.final_tokens, as_student(tout.final_tokens), valid)
-    if ref.logits.shape == tout.logits.shape and "head.weight" in teacher:
-        agree = (ref.logits.argmax(-1) == tout.logits.argmax(-1)).double().mean().item()
-        report.top1_agreement = agree
-    return report
+        if not math.isfinite(report.final_cosine):
+            report.problems.append(f"final features: cosine to the teacher is {report.final_cosine}")
+
+    if "head.weight" not in teacher:
+        report.not_compared["top1"] = "the teacher has no classifier head"
+    elif not cfg.num_classes:
+        report.not_compared["top1"] = "the student has no classifier head"
+    elif cfg.num_classes != tcfg.num_classes:
+        report.not_compared["top1"] = f"the student predicts {cfg.num_classes} classes, the teacher {tcfg.num_classes}"
+    else:
+        report.top1_agreement = (ref.logits.argmax(-1) == tout.logits.argmax(-1)).double().mean().item()
+    report.teacher_comparison = "partial" if report.not_compared else "done"
+
+
+def _unrunnable(cfg: VimConfig, tcfg: ViTConfig) -> str | None:
+    """Why the teacher cannot run on the student's images, or None when it can."""
+    height, width = cfg.img_size
+    if tcfg.in_chans != cfg.in_chans:
+        return f"the teacher reads {tcfg.in_chans}-channel images, the student {cfg.in_chans}-channel ones"
+    if height % tcfg.patch_size or width % tcfg.patch_size:
+        return f"the student's {height}×{width} images are not whole {tcfg.patch_size}-px patches of the teacher"
+    return None
+
+
+def _feature_pairing(
+    cfg: VimConfig, tcfg: ViTConfig, metadata: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | str:
+    """(teacher position of each student token, which student tokens have one, teacher channels the student kept
+    or None for all), or why student and teacher features cannot be compared one to one."""
+    height, width = cfg.img_size
+    teacher_grid = (height // tcfg.patch_size, width // tcfg.patch_size)
+    try:
+        token_index, valid = cfg.token_layout().positions_in(tcfg.token_layout(teacher_grid))
+    except ValueError:
+        grid = cfg.grid
+        return (
+            f"the student's {grid[0]}×{grid[1]} patch grid is not the teacher's {teacher_grid[0]}×{teacher_grid[1]} "
+            f"at {height}×{width} px, so their tokens do not pair one to one"
+        )
+    kept = _kept_channels(metadata, cfg.embed_dim, tcfg.embed_dim)
+    if kept is None and cfg.embed_dim != tcfg.embed_dim:
+        return (
+            f"the student is {cfg.embed_dim} channels wide and the teacher {tcfg.embed_dim}, and the file records no "
+            "residual channel set that fits this teacher"
+        )
+    return token_index, valid, None if kept is None else torch.tensor(kept)
+
+
+def _kept_channels(metadata: dict[str, Any], width: int, teacher_width: int) -> list[int] | None:
+    """The teacher residual channels the student kept (the `residual` index set), when the file records a set of
+    the student's width over a teacher of this width."""
+    index_sets = metadata.get("index_sets")
+    residual = index_sets.get("residual") if isinstance(index_sets, dict) else None
+    indices = residual.get("indices") if isinstance(residual, dict) else None
+    kept = next(iter(indices.values()), None) if isinstance(indices, dict) else None
+    fits = (
+        isinstance(kept, list)
+        and len(kept) == width
+        and residual.get("full") == teacher_width
+        and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < teacher_width for c in kept)
+    )
+    return kept if fits else None
+
+
+def _layer_plan(metadata: dict[str, Any], path: Path) -> dict[int, int]:
+    """Student layer -> the teacher block it was initialised from (default-initialised layers left out)."""
+    rows = metadata.get("layer_plan", [])
+    if not (isinstance(rows, list) and all(isinstance(row, dict) for row in rows)):
+        raise VerificationError(f"{path}: its layer_plan metadata is not a list of {{layer, block}} rows")
+    plan = {}
+    for row in rows:
+        layer, block = row.get("layer"), row.get("block")
+        if block is None:
+            continue
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (layer, block)):
+            raise VerificationError(f"{path}: its layer_plan metadata has the row {row!r}; expected whole numbers")
+        plan[layer] = block
+    return plan
