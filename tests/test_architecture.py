@@ -41,7 +41,11 @@ ALLOWED: dict[str, set[str]] = {
     "converter.distill": BASICS | {"converter.checkpoint", "converter.data", "converter.modelfile", "models"},
     "converter.lint": BASICS | {"converter.mapping", "converter.plan", "converter.distill", "models"},
 }
-CLI_SHARED = {"tmconvert.converter.cli._console", "tmconvert.converter.cli._reports"}
+CLI_SHARED = {
+    "tmconvert.converter.cli._console",
+    "tmconvert.converter.cli._options",
+    "tmconvert.converter.cli._reports",
+}
 
 
 def _package(module: str) -> str:

@@ -306,3 +306,9 @@ def test_launcher_first_run_keeps_stdout_for_the_command(gpu: bool, tmp_path) ->
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
     assert (again.returncode, again.stdout, again.stderr) == (0, first.stdout, "")
     assert log.read_text().splitlines() == installs  # the stamp: nothing installed twice
+
+
+def test_verify_refuses_an_out_of_range_seed_before_reading_anything(tmp_path, capsys):
+    assert main(["verify", str(tmp_path / "absent.safetensors"), "--seed", str(2**70)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"--seed {2**70}: out of range; choose 0 to {2**63 - 1}" in captured.err

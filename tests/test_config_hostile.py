@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from tests._ckpt_factory import SMALL, make_vit_state_dict, write_checkpoint
@@ -166,3 +168,28 @@ def test_an_intact_model_file_still_loads(tmp_path: Path, capsys: pytest.Capture
     path = _model_file(tmp_path / "vim.safetensors", {})
     assert main(["verify", str(path), "--calib", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True
+
+
+def test_integer_or_non_finite_weights_are_refused_naming_the_tensor(tmp_path: Path) -> None:
+    """A checkpoint of integer weights is refused when opened; a NaN weight when it is read (conversion reads each
+    tensor it uses), so a NaN teacher never becomes a silently NaN student."""
+    state = make_vit_state_dict(SMALL)
+    integer = dict(state, **{"blocks.0.mlp.fc1.bias": state["blocks.0.mlp.fc1.bias"].to(torch.int32)})
+    path = write_checkpoint(integer, tmp_path / "int.safetensors")
+    with pytest.raises(CheckpointError, match=r"tensor 'blocks\.0\.mlp\.fc1\.bias' is torch\.int32; a ViT's weights"):
+        open_checkpoint(path, num_heads=SMALL.num_heads)
+    nan = dict(state, **{"blocks.1.attn.proj.weight": torch.full_like(state["blocks.1.attn.proj.weight"], math.nan)})
+    path = write_checkpoint(nan, tmp_path / "nan.safetensors")
+    with open_checkpoint(path, num_heads=SMALL.num_heads) as ckpt:
+        ckpt.get("blocks.0.attn.proj.weight")
+        with pytest.raises(CheckpointError, match=r"tensor 'blocks\.1\.attn\.proj\.weight' holds non-finite values"):
+            ckpt.get("blocks.1.attn.proj.weight")
+
+
+def test_a_config_json_that_is_not_a_file_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    write_checkpoint(make_vit_state_dict(SMALL), folder / "model.safetensors")
+    (folder / "config.json").mkdir()
+    with pytest.raises(CheckpointError, match=r"config\.json: not a regular file"):
+        open_checkpoint(folder / "model.safetensors", num_heads=SMALL.num_heads)

@@ -213,7 +213,9 @@ def _open_file(path: Path, *, ema: bool) -> Weights:
     _require_regular(path)
     kind = sniff_format(path)
     config = path.parent / CONFIG_FILE
-    config_file = config if config.is_file() else None
+    if config.exists() and not config.is_file():  # a folder or a FIFO there would be skipped or block the read
+        raise CheckpointError(f"{config}: not a regular file (expected the model's config.json)")
+    config_file = config if config.exists() else None
     if kind == "index":
         return _open_index(path, ema=ema, config_file=config_file)
     if kind == "safetensors":

@@ -119,6 +119,8 @@ class Checkpoint:
             raise ValueError(f"{self.path}: checkpoint is closed")
         parts = [self._store.get(source) for source in tensor.sources]
         fused = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if not bool(torch.isfinite(fused).all()):  # a NaN teacher converts into a NaN student, silently
+            raise CheckpointError(f"{self.path}: tensor '{name}' holds non-finite values (NaN or inf)")
         return fused.reshape(tensor.info.shape)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -188,6 +190,9 @@ def open_checkpoint(path: str | Path, *, ema: bool = False, num_heads: int | Non
             raise CheckpointError(f"{path}: empty state dict (no tensors)")
         names = map_names(stored, path=path)
         infos = {name: _fused_info(weights.store, name, sources, path) for name, sources in names.sources.items()}
+        for name, info in infos.items():
+            if not info.dtype.is_floating_point:
+                raise CheckpointError(f"{path}: tensor '{name}' is {info.dtype}; a ViT's weights are floating point")
         hints = read_config_hints(weights.config_file) if weights.config_file is not None else None
         detection = detect_vit_config(
             {name: info.shape for name, info in infos.items()},

@@ -17,13 +17,10 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 
 from tmconvert.converter.cli._console import console, err_console
+from tmconvert.converter.cli._options import CALIB_HELP, check_seed
 from tmconvert.converter.cli._reports import report_table
 from tmconvert.converter.convert.engine import ConversionResult, ConvertRequest, Prepared, execute, prepare
-from tmconvert.converter.data.calibration import CALIB_LIMIT
-from tmconvert.converter.errors import ConfigError
 from tmconvert.converter.plan.plan import Plan, PlanEntry
-
-SEEDS = range(2**63)  # non-negative and within int64: what torch's and numpy's generators both accept
 
 
 def convert(
@@ -39,9 +36,7 @@ def convert(
         str | None,
         typer.Option(
             "--calib",
-            help=f"Calibration images for activation scores: N seeded noise images (N <= {CALIB_LIMIT}), or images as "
-            "--data takes them: a folder, fashion-mnist[:ROOT] (train split), synthetic:N, each with [START:STOP] "
-            f"or not (the first {CALIB_LIMIT} are read).",
+            help=f"Calibration images for activation scores: {CALIB_HELP}",
         ),
     ] = None,
     score: Annotated[
@@ -74,8 +69,7 @@ def convert(
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip verification of the written model.")] = False,
 ) -> None:
     """Convert a ViT/DeiT checkpoint into a Vision Mamba by selective weight subcloning and first-n-layer init."""
-    if seed not in SEEDS:
-        raise ConfigError(f"--seed {seed}: out of range; choose 0 to {SEEDS[-1]}")
+    check_seed(seed)
     request = ConvertRequest(
         source=source,
         target=to,

@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from tmconvert.converter.checkpoint import open_checkpoint
 from tmconvert.converter.cli._console import console, err_console
+from tmconvert.converter.cli._options import CALIB_HELP, check_seed
 from tmconvert.converter.cli._reports import report_table
 from tmconvert.converter.data.calibration import parse_calib
 from tmconvert.converter.verify.numeric import VerificationError, verify_converted
@@ -21,9 +22,7 @@ def verify(
     teacher: Annotated[
         Path | None, typer.Option("--teacher", help="The source ViT checkpoint, for similarity and agreement.")
     ] = None,
-    calib: Annotated[
-        str, typer.Option("--calib", help="Images to run: a folder of images, or N synthetic images.")
-    ] = "8",
+    calib: Annotated[str, typer.Option("--calib", help=f"Images to run: {CALIB_HELP}")] = "8",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic images.")] = 0,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, or auto.")] = "auto",
     heads: Annotated[int | None, typer.Option("--heads", min=1, help="Teacher attention heads.")] = None,
@@ -32,6 +31,7 @@ def verify(
     """Run a converted model on images: finite outputs, backends agree, similarity to the teacher."""
     import torch
 
+    check_seed(seed)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     calib_value = parse_calib(calib)
