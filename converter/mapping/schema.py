@@ -10,6 +10,7 @@ is `files.py`'s job, evaluating rules `interpret.py`'s, resolving them against r
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -253,7 +254,7 @@ class Pattern:
 
     text: str
 
-    @property
+    @functools.cached_property
     def regex(self) -> re.Pattern[str]:
         out, pos = [], 0
         for m in re.finditer(r"\{layer\}|\*", self.text):

@@ -365,6 +365,39 @@ def _classify(node: Node, ctx: EvalContext) -> str:
 
 
 _LAYER_NUMBER = re.compile(r"(?<=\.)\d+(?=\.)")
+_DIGITS = re.compile(r"\d+")
+
+
+class _RuleIndex:
+    """One section's rules, found for a target name in time independent of how many there are: literal names and
+    `{layer}` templates by dictionary (a name's digit runs are tried as the layer), only `*` patterns by regex."""
+
+    def __init__(self, section: str, rules: dict[str, Rule]):
+        self.paths = [f"{section}.{p}" for p in rules]  # declaration order
+        self._by_text: dict[str, tuple[int, str, Rule]] = {}
+        self._scanned: list[tuple[int, Pattern, str, Rule]] = []
+        for order, (text, rule) in enumerate(rules.items()):
+            path = f"{section}.{text}"
+            if "*" in text or re.search(r"\d\{layer\}|\{layer\}\d", text):  # not a whole digit run: ask the regex
+                self._scanned.append((order, Pattern(text), path, rule))
+            else:
+                self._by_text[text] = (order, path, rule)
+
+    def matching(self, name: str) -> list[tuple[str, Rule, dict[str, int]]]:
+        """(YAML path, rule, binding) of every rule matching `name`, in declaration order."""
+        found: list[tuple[int, str, Rule, dict[str, int]]] = []
+        if name in self._by_text:
+            order, path, rule = self._by_text[name]
+            found.append((order, path, rule, {}))
+        for digits in _DIGITS.finditer(name):
+            template = f"{name[: digits.start()]}{{layer}}{name[digits.end() :]}"
+            if template in self._by_text:
+                order, path, rule = self._by_text[template]
+                found.append((order, path, rule, {"layer": int(digits.group())}))
+        for order, pattern, path, rule in self._scanned:
+            if (binding := pattern.match(name)) is not None:
+                found.append((order, path, rule, binding))
+        return [(path, rule, binding) for _, path, rule, binding in sorted(found, key=lambda f: f[0])]
 
 
 def build_plan(
@@ -399,20 +432,14 @@ def build_plan(
     index_sets, failed_sets = _resolve_index_sets(mapping, configs, layer_plan, problems)
     planner = _Planner(configs, index_sets, failed_sets, source, dtype, problems)
 
-    sections = {
-        section: [(Pattern(p), f"{section}.{p}", rule) for p, rule in getattr(spec, section).items()]
-        for section in RULE_SECTIONS
-    }
+    sections = {section: _RuleIndex(section, getattr(spec, section)) for section in RULE_SECTIONS}
     matched_rules: set[str] = set()
     entries: list[PlanEntry] = []
     unproduced: dict[str, list[str]] = {}
     used_sources: set[str] = set()
 
     for name, shape in target.shapes.items():
-        found = {
-            s: [(path, rule, m) for pat, path, rule in rules if (m := pat.match(name)) is not None]
-            for s, rules in sections.items()
-        }
+        found = {s: rules.matching(name) for s, rules in sections.items()}
         layer = next((m["layer"] for s in found.values() for _, _, m in s if "layer" in m), None)
         if layer is None and not any(found.values()) and (number := _LAYER_NUMBER.search(name)):
             layer = int(number.group())  # no rule at all: still say which section lacks one
@@ -447,7 +474,7 @@ def build_plan(
     for section, names in unproduced.items():
         shown = sorted(set(names), key=names.index)
         problems.add(section, f"no rule produces {', '.join(shown)} (target {target.name})")
-    unused = [path for rules in sections.values() for _, path, _ in rules if path not in matched_rules]
+    unused = [path for rules in sections.values() for path in rules.paths if path not in matched_rules]
     if not identity_rest:
         unused = [p for p in unused if not p.startswith("identity_rest.")]
     return Plan(
