@@ -3,8 +3,8 @@
 Gradients of h_t = decay_t h_prev + dt_t u_t B_t (decay_t = exp(dt_t A)), y_t = C_t . h_t + D u_t, out = y silu(z):
 with the adjoint g_t = dL/dh_t = C_t dy_t + decay_next g_next (next: the following step in scan order),
 dB_t = sum_d g_t dt_t u_t, dC_t = sum_d dy_t h_t, du_t = dt_t (B_t . g_t) + D dy_t,
-d(dt_t) = u_t (B_t . g_t) + A . (g_t decay_t h_prev), dA = sum_t dt_t g_t decay_t h_prev, and decay_t h_prev is
-h_t - dt_t u_t B_t, so no shifted copy of the states is needed.
+d(dt_t) = u_t (B_t . g_t) + A . (g_t decay_t h_prev), dA = sum_t dt_t g_t decay_t h_prev, with h_prev the state
+entering each step, kept by the recompute (`scan_with_inputs`).
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ def selective_scan_bwd_kernel(
                     dtu = dt * u
                     decay = common.exp2(dt[:, None, :] * A2[None, :, :])
                     drive = dtu[:, None, :] * B_sub[:, :, None]
-                    h, _ = common.scan(decay, drive, state_in, offs_l, BLOCK_L, REVERSE)
+                    h, h_prev, _ = common.scan_with_inputs(decay, drive, state_in, offs_l, BLOCK_L, REVERSE)
 
                     if HAS_Z:
                         z = z_tile if N_SUB == 1 else common.take_rows(z_tile, offs_tile, sub * BLOCK_L, BLOCK_L)
@@ -262,7 +262,7 @@ def selective_scan_bwd_kernel(
                     g, carry = common.scan_adjoint(
                         decay, dy[:, None, :] * C_sub[:, :, None], carry, offs_l, BLOCK_L, REVERSE
                     )
-                    g_decayed = g * (h - drive)  # g_t decay_t h_prev
+                    g_decayed = g * decay * h_prev
                     g_B = tl.sum(g * B_sub[:, :, None], axis=1)
                     ddt = u * g_B + tl.sum(g_decayed * A[None, :, :], axis=1)
                     grad_A += tl.sum(g_decayed * dt[:, None, :], axis=0)

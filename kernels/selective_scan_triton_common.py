@@ -44,6 +44,22 @@ def scan(decay, drive, state, offs_l, BLOCK_L: tl.constexpr, REVERSE: tl.constex
 
 
 @triton.jit
+def scan_with_inputs(decay, drive, state, offs_l, BLOCK_L: tl.constexpr, REVERSE: tl.constexpr):
+    """`scan`, also returning the state entering each step (h_prev), for gradients that need decay * h_prev
+    exactly: as h - drive it would carry the rounding of drive's product where the compiler fuses it into an FMA
+    (a whole rounding error where h_prev is exactly zero, at a sequence's first step)."""
+    h = tl.zeros_like(drive)
+    h_prev = tl.zeros_like(drive)
+    for k in tl.static_range(BLOCK_L):
+        index = BLOCK_L - 1 - k if REVERSE else k
+        at_index = (offs_l == index)[:, None, None]
+        h_prev = tl.where(at_index, state[None, :, :], h_prev)
+        state = at_step(decay, offs_l, index) * state + at_step(drive, offs_l, index)
+        h = tl.where(at_index, state[None, :, :], h)
+    return h, h_prev, state
+
+
+@triton.jit
 def scan_adjoint(decay, dyC, carry, offs_l, BLOCK_L: tl.constexpr, REVERSE: tl.constexpr):
     """g_l = dyC_l + decay_{next(l)} g_{next(l)} against scan order, entered with carry = decay * g of the step
     after the block; returns all g and the carry out of the block, decay * g at its first step."""
