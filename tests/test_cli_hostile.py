@@ -312,3 +312,13 @@ def test_verify_refuses_an_out_of_range_seed_before_reading_anything(tmp_path, c
     assert main(["verify", str(tmp_path / "absent.safetensors"), "--seed", str(2**70)]) == 1
     captured = capsys.readouterr()
     assert captured.out == "" and f"--seed {2**70}: out of range; choose 0 to {2**63 - 1}" in captured.err
+
+
+def test_eval_workers_are_bounded(tmp_path, capsys):
+    """A process per worker: `--workers 100000` is a usage error, not an attempt to start that many."""
+    assert main(["eval", str(tmp_path / "absent.safetensors"), "--data", "synthetic:2", "--workers", "100000"]) == 2
+    captured = capsys.readouterr()
+    assert (
+        captured.out == ""
+        and "Invalid value for '--workers': Input should be less than or equal to 256" in captured.err
+    )

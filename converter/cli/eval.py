@@ -35,7 +35,9 @@ def eval_(
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate the first N images only.")] = None,
     workers: Annotated[
         int | None,
-        typer.Option("--workers", min=0, help="Image loading processes (default: one per CPU but one, at most 8)."),
+        typer.Option(
+            "--workers", min=0, max=256, help="Image loading processes (default: one per CPU but one, at most 8)."
+        ),
     ] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda if available).")] = None,
     heads: Annotated[int | None, typer.Option("--heads", min=1, help="ViT heads, when shapes cannot tell.")] = None,
