@@ -134,3 +134,31 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(files, tmp_path, caps
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
     steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines()]
     assert steps == [*range(1, 61), 60]  # one record per step (no duplicates from the replayed steps), then "done"
+
+
+def test_a_rank_that_cannot_start_stops_every_rank(files, tmp_path):
+    """Rank 0 finds the folder held by another run; rank 1 must not wait for it at a collective forever."""
+    teacher, student = files
+    (tmp_path / "recipe.yaml").write_text(RECIPE.format(workers=0))
+    out = tmp_path / "held"
+    out.mkdir()
+    holder_code = (
+        "import fcntl, sys; f = open(sys.argv[1], 'ab'); fcntl.lockf(f, fcntl.LOCK_EX); print(flush=True); input()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", holder_code, str(out / "run.lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "\n"
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+        args = _args(teacher, student, tmp_path / "recipe.yaml", out, "--steps", "2", "--batch-size", "4")
+        procs = [_cli_process(args, {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in range(2)]
+        (_, err0), (_, err1) = (p.communicate(timeout=120) for p in procs)
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert [p.returncode for p in procs] == [1, 1]
+    assert "another run holds this folder" in err0
+    assert "another process of this torchrun job could not start the run" in err1

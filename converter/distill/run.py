@@ -51,6 +51,7 @@ from tmconvert.converter.distill.runfiles import (
     write_text_atomic,
 )
 from tmconvert.converter.distill.trainer import Trainer, build_loss
+from tmconvert.converter.errors import TmconvertError
 from tmconvert.converter.modelfile.classifier import LoadedModel, load_classifier, load_model_file
 from tmconvert.converter.modelfile.converted import encode_metadata, header_fields
 from tmconvert.converter.modelfile.files import sha256_files
@@ -232,17 +233,31 @@ def _fingerprint(parts: dict[str, Any]) -> str:
 
 def prepare_run(request: DistillRequest, dist: DistContext | None = None) -> PreparedRun:
     """Lock the run folder (rank 0), then load and check every input. Raises a `TmconvertError` naming the problem,
-    and then leaves nothing behind (the lock released, a folder it made removed)."""
+    and then leaves nothing behind (the lock released, a folder it made removed).
+
+    Under torchrun the ranks then agree (one collective) whether all of them are ready: a problem only one rank
+    sees (rank 0's lock, a file another rank cannot read) stops every rank, instead of leaving the others waiting
+    at the first collective of a run that never starts."""
     dist = dist or DistContext()
     paths = RunPaths(request.out)
-    _check_location(paths.folder)
-    lock = RunLock.acquire(paths.lock) if dist.is_main else None
+    lock: RunLock | None = None
+    failure: TmconvertError | ModelConfigError | None = None
     try:
+        _check_location(paths.folder)
+        lock = RunLock.acquire(paths.lock) if dist.is_main else None
         prepared = _prepare(request, dist, paths)
+    except (TmconvertError, ModelConfigError) as exc:
+        failure = exc
     except BaseException:
         if lock is not None:
             lock.release()
         raise
+    if dist.any(failure is not None):
+        if lock is not None:
+            lock.release()
+        if failure is not None:
+            raise failure
+        raise RunError("another process of this torchrun job could not start the run (its error says why)")
     prepared.lock = lock
     return prepared
 
