@@ -3,8 +3,9 @@
 A model file is `<stem>.safetensors` (the weights, in the model's key names) whose header metadata records what
 made it (`format: tmconvert`, the tool version, the family, the target name and config; a conversion adds the
 mapping, the source, the options, the layer plan and the chosen index sets; a distillation adds its run), so
-`load_converted` rebuilds the model without flags. Metadata values are strings, structured ones compact JSON with
-sorted keys; nothing time- or host-dependent goes in, so the same inputs give a byte-identical file. Beside it,
+`load_converted` rebuilds the model without flags, checking the stored config field by field and every tensor's shape
+and dtype against it first. Metadata values are strings, structured ones compact JSON with sorted keys; nothing
+time- or host-dependent goes in, so the same inputs give a byte-identical file. Beside it,
 `<stem>.config.json` (the sidecar) carries the same metadata for people and other tools, and `--format vim` adds
 `<stem>.pth` holding `{'model': state_dict}` for the upstream Vim code. All files of one model are written
 atomically together (`files.atomic_files`): the weights appear last, nothing appears if anything fails, and a commit
@@ -16,8 +17,12 @@ and `distill` read through `load_converted`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
+import types
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +33,10 @@ from safetensors import safe_open
 
 from tmconvert.converter import __version__
 from tmconvert.converter.configs import config_from_json, config_json
-from tmconvert.converter.modelfile.errors import OutputError
+from tmconvert.converter.modelfile.errors import MetadataError, OutputError
 from tmconvert.converter.modelfile.files import atomic_files
 from tmconvert.converter.modelfile.safetensors import TensorSpec, write_safetensors_stream
-from tmconvert.models import ModelConfigError, family_of, state_dict_shapes
+from tmconvert.models import ModelConfigError, config_type, family_of, state_dict_shapes
 
 FORMAT = "tmconvert"
 
@@ -119,6 +124,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     for key, value in raw.items():
         try:
             out[key] = json.loads(value)
+        except RecursionError:  # deeper than Python's JSON decoder goes
+            raise MetadataError(f"{path}: unreadable metadata: JSON nested too deeply") from None
         except json.JSONDecodeError:
             out[key] = value
     return out
@@ -135,17 +142,26 @@ def load_converted(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], dict
     metadata = read_metadata(path)
     if "target_config" not in metadata:
         raise OutputError(f"{path}: no tmconvert metadata (target_config); was it written by tmconvert?")
+    _check_target_config(path, metadata)
     try:
         cfg = config_from_json(metadata.get("family", "vim"), metadata["target_config"])
     except ModelConfigError as exc:
         raise OutputError(f"{path}: its target_config does not describe a model: {exc}") from None
-    order = list(state_dict_shapes(cfg))
+    shapes = state_dict_shapes(cfg)
     with safe_open(str(path), framework="pt") as handle:
         keys = set(handle.keys())
-        if keys != set(order):
-            missing, extra = sorted(set(order) - keys), sorted(keys - set(order))
+        if keys != set(shapes):
+            missing, extra = sorted(set(shapes) - keys), sorted(keys - set(shapes))
             raise OutputError(f"{path}: keys do not match the target config (missing {missing[:3]}, extra {extra[:3]})")
-        state = {name: handle.get_tensor(name) for name in order}
+        state = {name: handle.get_tensor(name) for name in shapes}
+    for name, expected in shapes.items():
+        tensor = state[name]
+        if tuple(tensor.shape) != expected:
+            raise OutputError(
+                f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}; its target_config gives {expected}"
+            )
+        if not tensor.dtype.is_floating_point:
+            raise OutputError(f"{path}: tensor '{name}' is {tensor.dtype}; model weights are floating point")
     return cfg, state, metadata
 
 
@@ -166,3 +182,49 @@ def _tee(
     for name, tensor in stream:
         keep[name] = tensor.clone()
         yield name, tensor
+
+
+def _check_target_config(path: Path, metadata: dict[str, Any]) -> None:
+    """Every field of the stored target_config present and of its declared type (floats finite), before the config
+    class and the model are built from it; the class's own checks (ranges) follow when it is built."""
+    data = metadata.get("target_config")
+    if not isinstance(data, dict):
+        return  # absent or not an object: `load_converted` says so
+    try:
+        cls = config_type(metadata.get("family", "vim"))
+    except ModelConfigError as exc:
+        raise OutputError(f"{path}: its target_config does not describe a model: {exc}") from None
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name not in data:
+            raise OutputError(f"{path}: target_config has no '{field.name}' (tmconvert records every field)")
+        value, hint = data[field.name], hints[field.name]
+        if not _conforms(value, hint):
+            raise OutputError(f"{path}: target_config '{field.name}' is {value!r}; expected {_describe(hint)}")
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a JSON value is one of the declared type (tuples are stored as lists)."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType):
+        return any(_conforms(value, arg) for arg in args)
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, list) and len(value) == len(args) and all(map(_conforms, value, args))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # JSON's true is no number
+        return False
+    if hint is float:
+        return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(hint, type) and isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return f"[{', '.join(_describe(arg) for arg in typing.get_args(hint))}]"
+    names = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", type(None): "null"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
