@@ -125,6 +125,7 @@ class ViTOutput:
     logits: torch.Tensor  # (B, num_classes), or the pooled features when num_classes == 0
     final_tokens: torch.Tensor  # (B, T, D) after the final norm (before pooling; pre-norm tokens with fc_norm)
     layer_tokens: list[torch.Tensor]  # depth x (B, T, D): output of each block
+    mid_tokens: list[torch.Tensor]  # depth x (B, T, D): the stream between each block's attention and MLP
     qkv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # depth x 3 x (B, heads, T, head_dim)
 
 
@@ -198,10 +199,17 @@ class Block(nn.Module):
         self.ls2 = LayerScale(cfg.embed_dim, **kw) if cfg.layer_scale else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        out, _mid, qkv = self.forward_sublayers(x)
+        return out, qkv
+
+    def forward_sublayers(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The block's output, the stream after its attention sub-layer (what an interleaved student layer pair
+        passes between its two layers), and q/k/v."""
         attn_out, qkv = self.attn(self.norm1(x))
-        x = x + self.ls1(attn_out)
-        x = x + self.ls2(self.mlp(self.norm2(x)))
-        return x, qkv
+        mid = x + self.ls1(attn_out)
+        return mid + self.ls2(self.mlp(self.norm2(mid))), mid, qkv
 
 
 class VisionTransformer(nn.Module):
@@ -291,13 +299,16 @@ class VisionTransformer(nn.Module):
         return self.head(self.fc_norm(pooled))
 
     def forward_all(self, images: torch.Tensor, *, return_qkv: bool = False) -> ViTOutput:
-        """One pass returning logits, the final normed tokens, every block's output tokens and optionally q/k/v."""
+        """One pass returning logits, the final normed tokens, every block's output and mid-block tokens and
+        optionally q/k/v."""
         x = self._embed(images)
         layer_tokens: list[torch.Tensor] = []
+        mid_tokens: list[torch.Tensor] = []
         qkvs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for block in self.blocks:
-            x, qkv = block(x)
+            x, mid, qkv = block.forward_sublayers(x)
             layer_tokens.append(x)
+            mid_tokens.append(mid)
             if return_qkv:
                 qkvs.append(qkv)
         final_tokens = self.norm(x)
@@ -305,6 +316,7 @@ class VisionTransformer(nn.Module):
             logits=self._head(final_tokens),
             final_tokens=final_tokens,
             layer_tokens=layer_tokens,
+            mid_tokens=mid_tokens,
             qkv=qkvs if return_qkv else None,
         )
 
