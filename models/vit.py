@@ -124,6 +124,7 @@ class ViTOutput:
 
     logits: torch.Tensor  # (B, num_classes), or the pooled features when num_classes == 0
     final_tokens: torch.Tensor  # (B, T, D) after the final norm (before pooling; pre-norm tokens with fc_norm)
+    embed_tokens: torch.Tensor  # (B, T, D): the stream entering block 0 (embedding, norm_pre)
     layer_tokens: list[torch.Tensor]  # depth x (B, T, D): output of each block
     mid_tokens: list[torch.Tensor]  # depth x (B, T, D): the stream between each block's attention and MLP
     qkv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # depth x 3 x (B, heads, T, head_dim)
@@ -299,9 +300,9 @@ class VisionTransformer(nn.Module):
         return self.head(self.fc_norm(pooled))
 
     def forward_all(self, images: torch.Tensor, *, return_qkv: bool = False) -> ViTOutput:
-        """One pass returning logits, the final normed tokens, every block's output and mid-block tokens and
-        optionally q/k/v."""
-        x = self._embed(images)
+        """One pass returning logits, the final normed tokens, the stream entering the blocks, every block's output
+        and mid-block tokens and optionally q/k/v."""
+        x = embed_tokens = self._embed(images)
         layer_tokens: list[torch.Tensor] = []
         mid_tokens: list[torch.Tensor] = []
         qkvs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -315,6 +316,7 @@ class VisionTransformer(nn.Module):
         return ViTOutput(
             logits=self._head(final_tokens),
             final_tokens=final_tokens,
+            embed_tokens=embed_tokens,
             layer_tokens=layer_tokens,
             mid_tokens=mid_tokens,
             qkv=qkvs if return_qkv else None,
