@@ -1,7 +1,8 @@
 """`tmconvert distill TEACHER STUDENT --data D --out DIR`: stage 2, distil a converted (or from-scratch) ViM.
 
-Progress goes to stderr: a live bar with the loss parts, adaptive weights, img/s and ETA on a terminal, one line per
-log step otherwise (logs of batch jobs). The result goes to stdout (`--json` for machines). Under `torchrun` every
+Progress goes to stderr: a live bar per phase (`align` when the recipe aligns layers first, then `distill`) with the
+loss parts, per-layer cosines or adaptive weights, img/s and ETA on a terminal, one line per log step otherwise
+(logs of batch jobs). The result goes to stdout (`--json` for machines). Under `torchrun` every
 process runs this command; only rank 0 prints and writes.
 """
 
@@ -22,7 +23,14 @@ from rich.text import Text
 from tmconvert.converter.cli._console import console, err_console
 from tmconvert.converter.distill.processes import init_distributed
 from tmconvert.converter.distill.recipe import load_recipe, parse_pairs
-from tmconvert.converter.distill.run import DistillRequest, DistillResult, StepReport, prepare_run, run_distillation
+from tmconvert.converter.distill.run import (
+    AlignReport,
+    DistillRequest,
+    DistillResult,
+    StepReport,
+    prepare_run,
+    run_distillation,
+)
 
 
 def distill(
@@ -134,15 +142,25 @@ def describe_report(report: StepReport) -> str:
     return f"{text} | lr {report.lr:.2e} | {report.images_per_second:.0f} img/s | ETA {_eta(report.eta)}"
 
 
+def describe_align_report(report: AlignReport) -> str:
+    """Alignment loss, per aligned layer the cosine of its update and of its output with the teacher's, lr, img/s,
+    ETA."""
+    text = (
+        f"loss {report.loss:.4f} | update cos {_short(report.update_cosine)} | "
+        f"output cos {_short(report.output_cosine)}"
+    )
+    return f"{text} | lr {report.lr:.2e} | {report.images_per_second:.0f} img/s | ETA {_eta(report.eta)}"
+
+
 class _ProgressDisplay:
-    """On a terminal a live bar (step, img/s, ETA) over a line with the loss parts, similarities and adaptive
-    weights; plain lines otherwise; silent when disabled (rank > 0, --json)."""
+    """On a terminal a live bar per phase (its step, img/s, ETA) over a line with the loss parts and similarities;
+    plain lines otherwise; silent when disabled (rank > 0, --json)."""
 
     def __init__(self, *, enabled: bool):
         self.enabled = enabled
         self.is_live = enabled and err_console.is_terminal
         self.bar = Progress(
-            TextColumn("[bold]distill"),
+            TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[speed]}"),
@@ -165,17 +183,21 @@ class _ProgressDisplay:
         if self.enabled:
             err_console.print(f"[yellow]note:[/] {escape(text)}", highlight=False)
 
-    def report(self, report: StepReport) -> None:
+    def report(self, report: StepReport | AlignReport) -> None:
         if not self.enabled:
             return
-        line = describe_report(report)
+        aligning = isinstance(report, AlignReport)
+        line = describe_align_report(report) if aligning else describe_report(report)
+        step, total = report.step - report.first, report.total - report.first  # within the phase
         if self.live is None:
-            err_console.print(f"step {report.step}/{report.total} {escape(line)}", highlight=False, soft_wrap=True)
+            phase = "align " if aligning else ""
+            err_console.print(f"{phase}step {step}/{total} {escape(line)}", highlight=False, soft_wrap=True)
             return
         self.bar.update(
             self.task,
-            total=report.total,
-            completed=report.step,
+            description="align" if aligning else "distill",
+            total=total,
+            completed=step,
             speed=f"{report.images_per_second:.0f} img/s",
             eta=_eta(report.eta),
         )
@@ -194,6 +216,13 @@ def _print_result(result: DistillResult) -> None:
         console.print(
             f"[bold yellow]stopped[/] at step {result.step} of {result.total}; continue with --resume "
             f"(checkpoint {escape(str(result.paths.checkpoint))})",
+            highlight=False,
+        )
+    if result.align is not None:
+        first, last = result.align["first"], result.align["final"]
+        console.print(
+            f"aligned {len(result.align['pairs'])} layers in {result.align['steps']} steps: loss {first['loss']:.4f} "
+            f"-> {last['loss']:.4f}, update cos {_short(first['update_cosine'])} -> {_short(last['update_cosine'])}",
             highlight=False,
         )
     if final:

@@ -86,6 +86,18 @@ class StudentRecipe(_Section):
     drop_path: Fraction = 0.0
 
 
+class AlignRecipe(_Section):
+    """Layer-wise alignment before distillation (`align.py`): extra steps with their own AdamW (betas and eps are
+    `optim`'s) and their own warm-up + cosine; 0 steps turns the phase off."""
+
+    steps: NonNegativeInt = 0
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.0
+    warmup_fraction: Fraction = 0.05
+    min_lr: NonNegativeFloat = 1e-6
+    grad_clip: NonNegativeFloat = 1.0
+
+
 class RunRecipe(_Section):
     """How the run is carried out; changing these does not change what is computed (not in the fingerprint)."""
 
@@ -111,10 +123,16 @@ class Recipe(_Section):
     loss: LossRecipe = LossRecipe()
     data: DataRecipe = DataRecipe()
     student: StudentRecipe = StudentRecipe()
+    align: AlignRecipe = AlignRecipe()
     run: RunRecipe = RunRecipe()
 
     def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The recipe as JSON; the `align` section only when the phase is on, so a run without it records (and
+        fingerprints) exactly what it did before the phase existed."""
+        data = self.model_dump(mode="json")
+        if not self.align.steps:
+            del data["align"]
+        return data
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_json(), sort_keys=False)

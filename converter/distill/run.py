@@ -3,7 +3,10 @@
 `prepare_run` locks the run folder (one run per folder), loads the teacher, the student (a tmconvert ViM file, or a
 registry name for a from-scratch baseline whose geometry and classes follow the teacher), the data and the layer
 pairing, and checks that they fit together and that the run folder may be written — all before anything but the
-lock is written. `run_distillation` then trains, and releases the lock.
+lock is written. `run_distillation` then trains, and releases the lock: first, when `align.steps` > 0, the
+layer-wise alignment phase (`align.py`, global steps 1..align.steps), then distillation (the next `steps` steps) with
+its own fresh optimizer and schedule. Both phases share one data stream, one step loop (`_PhaseLoop`: logging,
+checkpoints, stop conditions in global steps) and the run files; a checkpoint records its phase.
 
 The run folder's files are `runfiles.py`'s. A fresh run that fails before its first checkpoint removes what it
 wrote, and a folder holding no checkpoint or student (a run killed before its first checkpoint) is started over by a
@@ -18,6 +21,7 @@ ranks, so k processes compute what one process computes on the same global batch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -26,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -36,6 +40,7 @@ from tmconvert.converter.configs import config_json, derive_target_config
 from tmconvert.converter.data.loaders import ImageDataset, steps_per_epoch, train_batches
 from tmconvert.converter.data.preprocess import InputSpec, Preprocess
 from tmconvert.converter.data.sources import ImageSource, open_source
+from tmconvert.converter.distill.align import AlignmentPlan, AlignmentTrainer, AlignStep, plan_alignment
 from tmconvert.converter.distill.errors import RunError
 from tmconvert.converter.distill.loss import LossOutput, token_alignment
 from tmconvert.converter.distill.processes import DistContext
@@ -47,10 +52,11 @@ from tmconvert.converter.distill.runfiles import (
     RunPaths,
     load_checkpoint,
     save_checkpoint,
+    update_run_record,
     write_student,
     write_text_atomic,
 )
-from tmconvert.converter.distill.trainer import Trainer, build_loss
+from tmconvert.converter.distill.trainer import StepResult, Trainer, build_loss, resolve_amp, resolve_cuda_graph
 from tmconvert.converter.errors import TmconvertError
 from tmconvert.converter.modelfile.classifier import LoadedModel, load_classifier, load_model_file
 from tmconvert.converter.modelfile.converted import encode_metadata, header_fields
@@ -92,6 +98,7 @@ class PreparedRun:
     fingerprint_parts: dict[str, Any]
     notes: list[str]
     dist: DistContext  # the processes and device the run was prepared for, and trains on
+    alignment: AlignmentPlan | None = None  # what the alignment phase aligns (align.steps > 0)
     resume_state: dict[str, Any] | None = None  # the checkpoint to continue from (--resume), fingerprint checked
     lock: RunLock | None = None  # rank 0's hold on the run folder, until run_distillation ends
 
@@ -140,8 +147,11 @@ def resolve_pairs(
     return pairs
 
 
-def student_metadata(prepared: PreparedRun, step: int, final: dict[str, Any]) -> dict[str, str]:
-    """The input student's metadata (layer plan, index sets, mapping, source, ...) plus what distillation did.
+def student_metadata(
+    prepared: PreparedRun, step: int, final: dict[str, Any], align: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """The input student's metadata (layer plan, index sets, mapping, source, ...) plus what distillation did
+    (`step`: its distillation steps) and, when the run aligned its layers first, the alignment summary.
 
     Timings stay in metrics.jsonl only, so the same run always writes the same bytes."""
     cfg = prepared.student_config
@@ -160,6 +170,8 @@ def student_metadata(prepared: PreparedRun, step: int, final: dict[str, Any]) ->
         "fingerprint": prepared.fingerprint,
         "final": {k: v for k, v in final.items() if k not in TIMING_FIELDS},
     }
+    if align is not None:
+        base["distill"]["align"] = align
     return encode_metadata(dict(sorted(base.items())))
 
 
@@ -285,6 +297,9 @@ def _prepare(request: DistillRequest, dist: DistContext, paths: RunPaths) -> Pre
     pairs = resolve_pairs(recipe.loss.pairs, student_metadata, stored_cfg.depth, teacher_cfg.depth)
     if recipe.loss.feature > 0:
         token_alignment(stored_cfg.token_layout(), teacher_cfg.token_layout())  # grids must match
+    alignment = None
+    if recipe.align.steps > 0:
+        alignment = plan_alignment(student_metadata, origin, stored_cfg, teacher_cfg, recipe.align.steps)
     student_id: dict[str, Any] = (
         {"file_sha256": sha256_files([Path(request.student)])}
         if Path(request.student).is_file()
@@ -316,13 +331,15 @@ def _prepare(request: DistillRequest, dist: DistContext, paths: RunPaths) -> Pre
         fingerprint=fingerprint,
         fingerprint_parts=parts,
         notes=notes,
+        alignment=alignment,
         resume_state=resume_state,
     )
 
 
 @dataclass
 class StepReport:
-    """What rank 0 tells the progress display at a log step."""
+    """What rank 0 tells the progress display at a log step of distillation. Steps are global: distillation runs
+    from `first` (align.steps) to `total`."""
 
     step: int
     total: int
@@ -335,6 +352,7 @@ class StepReport:
     images_per_second: float
     elapsed: float
     eta: float
+    first: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -351,6 +369,41 @@ class StepReport:
 
 
 @dataclass
+class AlignReport:
+    """What rank 0 tells the progress display at a log step of the alignment phase (global steps 1..`total`); the
+    per-layer lists follow `layers` (the aligned student layers, in layer-plan order)."""
+
+    step: int
+    total: int
+    lr: float
+    loss: float
+    layers: list[int]
+    layer_loss: list[float]
+    update_cosine: list[float]
+    output_cosine: list[float]
+    grad_norm: float | None
+    images_per_second: float
+    elapsed: float
+    eta: float
+    first: ClassVar[int] = 0  # the phase starts the run
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "phase": "align",
+            "step": self.step,
+            "lr": self.lr,
+            "loss": self.loss,
+            "layers": self.layers,
+            "layer_loss": self.layer_loss,
+            "update_cosine": self.update_cosine,
+            "output_cosine": self.output_cosine,
+            "grad_norm": self.grad_norm,
+            "images_per_second": round(self.images_per_second, 1),
+            "elapsed": round(self.elapsed, 2),
+        }
+
+
+@dataclass
 class DistillResult:
     paths: RunPaths
     step: int
@@ -360,6 +413,7 @@ class DistillResult:
     final: dict[str, Any]
     seconds: float
     notes: list[str] = field(default_factory=list)
+    align: dict[str, Any] | None = None  # the alignment summary, once the phase is done
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -370,13 +424,15 @@ class DistillResult:
             "finished": self.finished,
             "fingerprint": self.fingerprint,
             "final": self.final,
+            "align": self.align,
             "seconds": round(self.seconds, 2),
             "notes": self.notes,
         }
 
 
-def _run_record(prepared: PreparedRun, dist: DistContext, trainer: Trainer) -> dict[str, Any]:
+def _run_record(prepared: PreparedRun, dist: DistContext, amp: bool, cuda_graph: bool) -> dict[str, Any]:
     request = prepared.request
+    alignment = prepared.alignment
     return {
         "fingerprint": prepared.fingerprint,
         "fingerprint_parts": prepared.fingerprint_parts,
@@ -388,13 +444,16 @@ def _run_record(prepared: PreparedRun, dist: DistContext, trainer: Trainer) -> d
         "input": prepared.input_spec.to_json(),
         "labelled": prepared.labelled,
         "pairs": [list(p) for p in prepared.pairs],
+        "steps": prepared.recipe.steps,
+        "align_steps": prepared.recipe.align.steps,
+        "align_pairs": [p.to_json() for p in alignment.pairings] if alignment is not None else [],
         "recipe_source": request.recipe.source,
         "recipe_sha256": request.recipe.sha256,
         "overrides": list(request.recipe.overrides),
         "world": dist.world,
         "device": str(dist.device),
-        "amp_bf16": trainer.amp,
-        "cuda_graph": trainer.cuda_graph,
+        "amp_bf16": amp,
+        "cuda_graph": cuda_graph,  # of distillation; alignment steps are eager
         "notes": prepared.notes,
         "tmconvert_version": __version__,
         "torch_version": torch.__version__,
@@ -412,7 +471,7 @@ def _log_values(out: LossOutput, dist: DistContext) -> tuple[float, dict[str, fl
 def run_distillation(
     prepared: PreparedRun,
     *,
-    on_report: Callable[[StepReport], None] | None = None,
+    on_report: Callable[[StepReport | AlignReport], None] | None = None,
     on_note: Callable[[str], None] | None = None,
 ) -> DistillResult:
     """Train (fresh or resumed) until the recipe's steps are done or a stop condition hits; write the outputs.
@@ -432,29 +491,132 @@ def run_distillation(
             prepared.lock.release()
 
 
+@dataclass(frozen=True)
+class _Pace:
+    images_per_second: float
+    elapsed: float
+    eta: float
+
+
+class _PhaseLoop:
+    """The step loop both phases share, in global steps: batches from one stream, a report (metrics line, progress)
+    at every log step, the phase's last step and a stop, checkpoints, `--stop-after` and `--time-limit`."""
+
+    def __init__(
+        self,
+        prepared: PreparedRun,
+        metrics: MetricsLog,
+        batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+        on_report: Callable[[StepReport | AlignReport], None] | None,
+        start_time: float,
+    ):
+        self.prepared, self.metrics, self.batches = prepared, metrics, batches
+        self.on_report, self.start_time = on_report, start_time
+        self.total = prepared.recipe.align.steps + prepared.recipe.steps  # the run's last global step
+
+    def run(
+        self,
+        trainer: Trainer | AlignmentTrainer,
+        end: int,
+        report: Callable[[Any, int, _Pace], StepReport | AlignReport],
+        extra_state: dict[str, Any],
+    ) -> bool:
+        """Step `trainer` to global step `end`; True when a stop ended the run first (its checkpoint written).
+
+        `report(result, step, pace)` makes a log step's report (a collective: every rank calls it); `extra_state`
+        goes into every checkpoint besides the trainer's state."""
+        prepared, dist = self.prepared, self.prepared.dist
+        recipe, request = prepared.recipe, prepared.request
+        loop_start = time.perf_counter()
+        first_step, window_step, window_time = trainer.step, trainer.step, loop_start
+        while trainer.step < end:
+            images, labels = next(self.batches)
+            result = trainer.train_step(images, labels if prepared.labelled else None)
+            step = trainer.step
+            stop_requested = request.stop_after is not None and step >= request.stop_after
+            if step % recipe.run.log_every == 0 or step == end or stop_requested:
+                now = time.perf_counter()
+                elapsed = now - self.start_time
+                steps_per_s = (step - first_step) / max(now - loop_start, 1e-9)
+                pace = _Pace(
+                    images_per_second=(step - window_step) * recipe.batch_size / max(now - window_time, 1e-9),
+                    elapsed=elapsed,
+                    eta=(end - step) / steps_per_s if steps_per_s > 0 else math.inf,
+                )
+                made = report(result, step, pace)
+                window_step, window_time = step, now
+                if dist.is_main:
+                    self.metrics.append(made.to_json())
+                    if self.on_report is not None:
+                        self.on_report(made)
+                if request.time_limit is not None:
+                    stop_requested = dist.any(stop_requested or elapsed >= request.time_limit)
+            every = recipe.run.checkpoint_every
+            if step == end or stop_requested or (every and step % every == 0):
+                snapshot = {**trainer.state_dict(), **extra_state}  # collective
+                if dist.is_main:
+                    fingerprint, parts = prepared.fingerprint, prepared.fingerprint_parts
+                    save_checkpoint(prepared.paths.checkpoint, snapshot, fingerprint, parts)
+                dist.barrier()
+            if stop_requested and step < self.total:
+                return True
+        return False
+
+
+def _align_report(trainer: AlignmentTrainer, result: AlignStep, step: int, pace: _Pace) -> AlignReport:
+    return AlignReport(
+        step=step,
+        total=trainer.spec.steps,
+        lr=trainer.lr,
+        layers=[p.layer for p in trainer.pairings],
+        **trainer.measure(result),
+        grad_norm=float(result.grad_norm) if result.grad_norm is not None else None,
+        images_per_second=pace.images_per_second,
+        elapsed=pace.elapsed,
+        eta=pace.eta,
+    )
+
+
+def _distill_report(trainer: Trainer, result: StepResult, step: int, pace: _Pace) -> StepReport:
+    recipe = trainer.recipe
+    loss_value, parts = _log_values(result.loss, trainer.dist)
+    return StepReport(
+        step=step,
+        total=recipe.align.steps + recipe.steps,
+        first=recipe.align.steps,
+        lr=trainer.lr,
+        loss=loss_value,
+        parts=parts,
+        similarities={k: [round(x, 5) for x in v.tolist()] for k, v in result.loss.similarities.items()},
+        weights={k: [round(x, 4) for x in v.tolist()] for k, v in result.loss.weights.items()},
+        grad_norm=float(result.grad_norm) if result.grad_norm is not None else None,
+        images_per_second=pace.images_per_second,
+        elapsed=pace.elapsed,
+        eta=pace.eta,
+    )
+
+
 def _train(
     prepared: PreparedRun,
-    on_report: Callable[[StepReport], None] | None,
+    on_report: Callable[[StepReport | AlignReport], None] | None,
     on_note: Callable[[str], None] | None,
 ) -> DistillResult:
     dist = prepared.dist
     start_time = time.perf_counter()
     recipe, request, paths = prepared.recipe, prepared.request, prepared.paths
     state, prepared.resume_state = prepared.resume_state, None
-    torch.manual_seed(recipe.seed)  # projectors: the same on every rank
+    cuda_graph = resolve_cuda_graph(recipe.run.cuda_graph, dist)
+    torch.manual_seed(recipe.seed)  # projectors: the same on every rank, with or without alignment first
     loss = build_loss(recipe, prepared.student, prepared.teacher.config, prepared.pairs)
-    trainer = Trainer(prepared.teacher.model, prepared.student, loss, recipe, dist, labelled=prepared.labelled)
-    torch.manual_seed(recipe.seed + dist.rank)  # drop-path draws: one stream per rank
-    if state is not None:
-        trainer.load_state_dict(state)
-        del state
-    elif dist.is_main:
+    if state is None and dist.is_main:
         for stale in paths.results:
             stale.unlink(missing_ok=True)  # --force: a new run must not leave the old one's results around
-        write_text_atomic(paths.run, json.dumps(_run_record(prepared, dist, trainer), indent=2) + "\n")
+        record = _run_record(prepared, dist, resolve_amp(recipe.run.amp, dist.device), cuda_graph)
+        write_text_atomic(paths.run, json.dumps(record, indent=2) + "\n")
         write_text_atomic(paths.recipe, recipe.to_yaml())
     dist.barrier()
-    metrics = MetricsLog(paths.metrics, enabled=dist.is_main, resume_step=trainer.step if request.resume else None)
+    start_step = int(state["step"]) if state is not None else 0
+    metrics = MetricsLog(paths.metrics, enabled=dist.is_main, resume_step=start_step if request.resume else None)
     notes = list(prepared.notes)
     for note in notes:
         if on_note is not None and dist.is_main:
@@ -476,65 +638,50 @@ def _train(
         rank=dist.rank,
         seed=recipe.seed,
         workers=min(recipe.data.workers, len(os.sched_getaffinity(0))),  # never more loaders than usable CPUs
-        start_step=trainer.step,
+        start_step=start_step,
         pin_memory=dist.device.type == "cuda",
     )
-    total = recipe.steps
-    loop_start = time.perf_counter()
-    first_step, window_step, window_time = trainer.step, trainer.step, loop_start
-    stopped = False
+    loop = _PhaseLoop(prepared, metrics, batches, on_report, start_time)
 
-    def checkpoint() -> None:
-        snapshot = trainer.state_dict()  # collective
+    def stopped_result(step: int, align: dict[str, Any] | None) -> DistillResult:
+        seconds = time.perf_counter() - start_time
+        return DistillResult(paths, step, loop.total, False, prepared.fingerprint, metrics.last, seconds, notes, align)
+
+    align = state.get("align") if state is not None else None  # a distillation checkpoint of a run that aligned
+    if prepared.alignment is not None and (state is None or state.get("phase") == "align"):
+        aligner = AlignmentTrainer(prepared.teacher.model, prepared.student, prepared.alignment, recipe, dist)
+        if state is not None:
+            aligner.load_state_dict(state)
+            state = None
+        if loop.run(aligner, recipe.align.steps, functools.partial(_align_report, aligner), {}):
+            return stopped_result(aligner.step, None)
+        align = aligner.summary()
         if dist.is_main:
-            save_checkpoint(paths.checkpoint, snapshot, prepared.fingerprint, prepared.fingerprint_parts)
-        dist.barrier()
+            update_run_record(paths.run, {"align": align})
+        del aligner  # its optimizer state: memory distillation can use
 
-    while trainer.step < total:
-        images, labels = next(batches)
-        result = trainer.train_step(images, labels if prepared.labelled else None)
-        step = trainer.step
-        stop_requested = request.stop_after is not None and step >= request.stop_after
-        if step % recipe.run.log_every == 0 or step == total or stop_requested:
-            loss_value, parts = _log_values(result.loss, dist)
-            now = time.perf_counter()
-            rate = (step - window_step) * recipe.batch_size / max(now - window_time, 1e-9)
-            elapsed = now - start_time
-            steps_per_s = (step - first_step) / max(now - loop_start, 1e-9)
-            report = StepReport(
-                step=step,
-                total=total,
-                lr=trainer.lr,
-                loss=loss_value,
-                parts=parts,
-                similarities={k: [round(x, 5) for x in v.tolist()] for k, v in result.loss.similarities.items()},
-                weights={k: [round(x, 4) for x in v.tolist()] for k, v in result.loss.weights.items()},
-                grad_norm=float(result.grad_norm) if result.grad_norm is not None else None,
-                images_per_second=rate,
-                elapsed=elapsed,
-                eta=(total - step) / steps_per_s if steps_per_s > 0 else math.inf,
-            )
-            window_step, window_time = step, now
-            if dist.is_main:
-                metrics.append(report.to_json())
-                if on_report is not None:
-                    on_report(report)
-            if request.time_limit is not None:
-                stop_requested = dist.any(stop_requested or elapsed >= request.time_limit)
-        every = recipe.run.checkpoint_every
-        if step == total or stop_requested or (every and step % every == 0):
-            checkpoint()
-        if stop_requested and step < total:
-            stopped = True
-            break
+    trainer = Trainer(
+        prepared.teacher.model,
+        prepared.student,
+        loss,
+        recipe,
+        dist,
+        labelled=prepared.labelled,
+        start_step=recipe.align.steps,
+    )
+    torch.manual_seed(recipe.seed + dist.rank)  # drop-path draws: one stream per rank
+    if state is not None:
+        trainer.load_state_dict(state)
+        del state
+    extra_state = {"align": align} if align is not None else {}
+    if loop.run(trainer, loop.total, functools.partial(_distill_report, trainer), extra_state):
+        return stopped_result(trainer.step, align)
 
-    finished = not stopped and trainer.step >= total
     final = metrics.last
-    if finished and dist.is_main:
-        cfg = prepared.student_config
-        write_student(paths, trainer.student, cfg, student_metadata(prepared, trainer.step, final))
+    if dist.is_main:
+        metadata = student_metadata(prepared, trainer.step - recipe.align.steps, final, align)
+        write_student(paths, trainer.student, prepared.student_config, metadata)
         metrics.append({"event": "done", "step": trainer.step, "student": str(paths.student)})
     dist.barrier()
-    return DistillResult(
-        paths, trainer.step, total, finished, prepared.fingerprint, final, time.perf_counter() - start_time, notes
-    )
+    seconds = time.perf_counter() - start_time
+    return DistillResult(paths, trainer.step, loop.total, True, prepared.fingerprint, final, seconds, notes, align)

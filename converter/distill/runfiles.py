@@ -1,8 +1,9 @@
 """The files of a run folder (`--out DIR`), each replaced atomically.
 
-`run.json` (resolved inputs and the run fingerprint), `recipe.yaml` (the resolved recipe), `metrics.jsonl` (one JSON
-object per logged step), `checkpoint.pt` (everything needed to continue: student, projectors, optimizer, scheduler,
-step, every rank's RNG state, the fingerprint) and, at the end, `student.safetensors` + `student.config.json` in the
+`run.json` (resolved inputs and the run fingerprint; the alignment summary added when that phase ends),
+`recipe.yaml` (the resolved recipe), `metrics.jsonl` (one JSON object per logged step), `checkpoint.pt` (everything
+needed to continue: the phase (`align`, else distillation), student, projectors, optimizer, scheduler, step, every
+rank's RNG state, the fingerprint) and, at the end, `student.safetensors` + `student.config.json` in the
 model-file format (upstream Vim keys, projectors dropped). A killed run leaves the last complete checkpoint; a
 checkpoint whose fingerprint differs from this run's is refused, and one that is not a checkpoint at all is refused
 by the model-checkpoint reader (which never runs code from a file). A write that fails (a full disk) is a `RunError`
@@ -199,6 +200,16 @@ def _json_object(text: Any) -> dict[str, Any]:
 def write_text_atomic(path: Path, text: str) -> None:
     with writing(path), AtomicFile(path, overwrite=True) as file:
         file.write(text.encode())
+
+
+def update_run_record(path: Path, entries: dict[str, Any]) -> None:
+    """Add `entries` to `run.json` (what a phase found out, e.g. the alignment summary), atomically; the rest of the
+    record stays as the run's first start wrote it."""
+    try:
+        record = _json_object(path.read_text(errors="replace"))
+    except OSError:  # gone or unreadable: the entries are what is left to record
+        record = {}
+    write_text_atomic(path, json.dumps({**record, **entries}, indent=2) + "\n")
 
 
 class MetricsLog:

@@ -84,10 +84,15 @@ def param_groups(module: StudentWithLoss, weight_decay: float) -> list[dict[str,
 
 
 def lr_schedule(recipe: Recipe) -> Callable[[int], float]:
+    """The distillation's LR factor per step (`optim`)."""
+    opt = recipe.optim
+    return warmup_cosine(recipe.steps, opt.lr, opt.warmup_fraction, opt.min_lr)
+
+
+def warmup_cosine(total: int, lr: float, warmup_fraction: float, min_lr: float) -> Callable[[int], float]:
     """LR factor per step: linear warm-up over `warmup_fraction` of the steps, then cosine down to `min_lr`."""
-    total, opt = recipe.steps, recipe.optim
-    warmup = round(opt.warmup_fraction * total)
-    floor = min(opt.min_lr / opt.lr, 1.0)
+    warmup = round(warmup_fraction * total)
+    floor = min(min_lr / lr, 1.0)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -142,6 +147,7 @@ class Trainer:
         dist: DistContext | None = None,
         *,
         labelled: bool = True,
+        start_step: int = 0,
     ):
         self.dist = dist or DistContext()
         device = self.dist.device
@@ -167,7 +173,7 @@ class Trainer:
         self._place_optimizer_state()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(recipe))
         self.amp = resolve_amp(recipe.run.amp, device)
-        self.step = 0
+        self.step = start_step  # global: a run that aligned its layers first distils from step align.steps on
         adaptive_and_shared = recipe.loss.adaptive and self.dist.distributed
         self._reduce = self.dist.mean if adaptive_and_shared else None
         self._graph: torch.cuda.CUDAGraph | None = None
