@@ -316,16 +316,25 @@ class BiMambaMixer(nn.Module):
             reverse=direction.reverse,
         )
 
-    def forward(
-        self, hidden: torch.Tensor, *, return_directions: bool = False
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """hidden (B, L, D) -> (B, L, D); with `return_directions`, each branch's output (B, L, E) in scan order."""
+    def _mix(self, hidden: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The directions combined (B, E, L), before out_proj, and each direction's output in token order."""
         xz = torch.matmul(self.in_proj.weight, hidden.transpose(1, 2))  # (B, 2E, L), last dim contiguous
         x, z = xz.split(self.d_inner, dim=1)
         branch_outputs = {direction.name: self._branch(direction, x, z) for direction in self.directions}
         y = sum(branch_outputs.values())
         if self.divide_out:
             y = y / len(self.directions)
+        return y, branch_outputs
+
+    def mixed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, L, D) -> (B, L, E): what out_proj reads (a fit solves out_proj by least squares on it)."""
+        return self._mix(hidden)[0].transpose(1, 2)
+
+    def forward(
+        self, hidden: torch.Tensor, *, return_directions: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """hidden (B, L, D) -> (B, L, D); with `return_directions`, each branch's output (B, L, E) in scan order."""
+        y, branch_outputs = self._mix(hidden)
         out = self.out_proj(y.transpose(1, 2))
         if not return_directions:
             return out, None

@@ -23,9 +23,14 @@ def report_table(report: VerifyReport) -> Table:
     if status != "not requested":
         table.add_row("teacher comparison", status if status == "done" else f"[yellow]{status}[/]")
     if report.layers:
-        cells = [f"{s.layer}←{s.block if s.block is not None else '·'} {s.cosine:.3f}" for s in report.layers]
+        part = {"attn": "a", "mlp": "m", None: ""}
+        cells = [
+            f"{s.layer}←{s.block if s.block is not None else '·'}{part[s.sublayer]} {s.cosine:.3f}"
+            for s in report.layers
+        ]
         rows = [", ".join(cells[i : i + 6]) for i in range(0, len(cells), 6)]
-        table.add_row("layer cosine\n(student←teacher block)", "\n".join(rows))
+        legend = "\n(a / m: after its attention / MLP)" if any(s.sublayer for s in report.layers) else ""
+        table.add_row("layer cosine\n(student←teacher block)" + legend, "\n".join(rows))
     if report.final_cosine is not None:
         table.add_row("final features cosine", f"{report.final_cosine:.3f}")
     if report.top1_agreement is not None:

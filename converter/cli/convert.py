@@ -27,7 +27,12 @@ def convert(
     source: Annotated[Path, typer.Argument(help="ViT checkpoint (.safetensors, .pth, .bin, index, HF folder).")],
     to: Annotated[str, typer.Option("--to", help="Target model name (see `tmconvert list`), e.g. vim-s.")],
     layers: Annotated[
-        int | None, typer.Option("--layers", help="Student layers inherited from teacher blocks (default: min depth).")
+        int | None,
+        typer.Option(
+            "--layers",
+            help="The first N teacher blocks feed the student: student layers 0..N-1 (one per block), or 0..2N-1 "
+            "with an interleaved mapping (2i <- block i attention, 2i+1 <- its MLP). Default: as many as fit.",
+        ),
     ] = None,
     mapping: Annotated[
         str | None, typer.Option("--mapping", help="Mapping file or shipped name (default: the target's default).")
@@ -36,7 +41,7 @@ def convert(
         str | None,
         typer.Option(
             "--calib",
-            help=f"Calibration images for activation scores: {CALIB_HELP}",
+            help=f"Calibration images for activation scores and fitted layers: {CALIB_HELP}",
         ),
     ] = None,
     score: Annotated[
@@ -205,9 +210,14 @@ def _print_plan(prepared: Prepared, *, as_json: bool) -> None:
 
 def _layer_rows(plan: Plan) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
-    blocks = plan.layers.blocks
+    layers = plan.layers
+    blocks = layers.blocks
     inherited = [(j, b) for j, b in enumerate(blocks) if b is not None]
-    if inherited and all(j == b for j, b in inherited):
+    if layers.interleaved:
+        used = _ranges(list(layers.used_blocks()))
+        rows.append((f"2i (i = {used})", "block i: attention sub-layer"))
+        rows.append((f"2i+1 (i = {used})", "block i: MLP sub-layer"))
+    elif inherited and all(j == b for j, b in inherited):
         rows.append((_ranges([j for j, _ in inherited]), _ranges([b for _, b in inherited])))
     else:
         rows.extend((str(j), str(b)) for j, b in inherited)
@@ -303,7 +313,7 @@ def report_json(result: ConversionResult) -> dict[str, Any]:
         "mapping": {"name": plan.mapping.name, "sha256": plan.mapping.sha256},
         "target": plan.target.name,
         "counts": plan.counts(),
-        "layers": [{"layer": j, "block": b} for j, b in enumerate(plan.layers.blocks)],
+        "layers": plan.layers.to_json(),
         "index_sets": {name: {"keep": s.keep, "full": s.full, "per": s.per} for name, s in plan.index_sets.items()},
         "options": plan.options,
         "verification": result.verification,
@@ -321,7 +331,12 @@ def _print_report(result: ConversionResult) -> None:
     for path in result.paths.all():
         table.add_row("wrote", f"{path} ({_size(path.stat().st_size)})")
     table.add_row("tensors", ", ".join(f"{v} {k}" for k, v in plan.counts().items()))
-    table.add_row("layers", f"{plan.layers.inherited} of {len(plan.layers.blocks)} from teacher blocks")
+    layers = plan.layers
+    table.add_row(
+        "layers",
+        f"{layers.inherited} of {len(layers.blocks)} from teacher blocks"
+        + (f" (attention and MLP of blocks {_ranges(list(layers.used_blocks()))})" if layers.interleaved else ""),
+    )
     table.add_row(
         "time", f"{result.seconds:.2f} s (" + ", ".join(f"{k} {v:.2f}" for k, v in result.stage_seconds.items()) + ")"
     )

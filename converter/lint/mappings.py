@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from tmconvert.converter.configs import derive_target_config
 from tmconvert.converter.errors import TmconvertError
 from tmconvert.converter.mapping.files import LoadedMapping
-from tmconvert.converter.mapping.schema import FromExpr, iter_exprs
-from tmconvert.converter.plan.plan import RULE_SECTIONS, Plan, SourceSide, TargetSide, build_plan
+from tmconvert.converter.mapping.fits import FITS
+from tmconvert.converter.mapping.schema import FitExpr, FromExpr, iter_exprs
+from tmconvert.converter.plan.plan import Plan, SourceSide, TargetSide, build_plan
 from tmconvert.models import ModelConfigError, family_of, get_config, list_models
 
 
@@ -25,9 +26,11 @@ def check_mapping(loaded: LoadedMapping) -> tuple[list[tuple[str, str]], list[st
     spec = loaded.mapping
     problems: list[str] = []
     targets = set(list_models(spec.target))
-    for i, name in enumerate(spec.default_for):
-        if name != "*" and name not in targets:
-            problems.append(f"{loaded.where(f'default_for[{i}]')}: unknown target {name!r}; targets: {sorted(targets)}")
+    for field in ("default_for", "default_with_images"):
+        for i, name in enumerate(getattr(spec, field)):
+            if name != "*" and name not in targets:
+                where = loaded.where(f"{field}[{i}]")
+                problems.append(f"{where}: unknown target {name!r}; targets: {sorted(targets)}")
 
     pairs: list[tuple[str, str]] = []
     for i, (source, target) in enumerate(spec.supports or registry_pairs()):
@@ -65,7 +68,7 @@ def check_mapping(loaded: LoadedMapping) -> tuple[list[tuple[str, str]], list[st
                 _, labels = by_path.setdefault(problem.path, (message, []))
                 if label not in labels:
                     labels.append(label)
-            rules = {f"{s}.{p}" for s in RULE_SECTIONS for p in getattr(spec, s)}
+            rules = {f"{s}.{p}" for s, section in spec.rule_sections().items() for p in section}
             all_rules |= rules
             used_rules |= rules - set(plan.unused_rules)
             used_drops |= set(plan.drop_reasons())
@@ -88,8 +91,8 @@ def check_mapping(loaded: LoadedMapping) -> tuple[list[tuple[str, str]], list[st
 def referenced_sets(mapping: LoadedMapping) -> dict[str, list[str]]:
     """Index set name -> YAML paths of the ops that use it (for `check`'s unused / unknown set reports)."""
     out: dict[str, list[str]] = {}
-    for section in RULE_SECTIONS:
-        for pattern, rule in getattr(mapping.mapping, section).items():
+    for section, rules in mapping.mapping.rule_sections().items():
+        for pattern, rule in rules.items():
             roots = [(rule.expr, f"{section}.{pattern}")]
             if rule.otherwise is not None:
                 roots.append((rule.otherwise, f"{section}.{pattern}.otherwise"))
@@ -99,6 +102,9 @@ def referenced_sets(mapping: LoadedMapping) -> dict[str, list[str]]:
                         for i, op in enumerate(expr.ops):
                             for name in op.referenced_sets():
                                 out.setdefault(name, []).append(f"{path}.ops[{i}]")
+                    elif isinstance(expr, FitExpr):
+                        for name in FITS[expr.fit].sets:
+                            out.setdefault(name, []).append(f"{path}.fit")
     return out
 
 

@@ -63,9 +63,14 @@ _SECTIONS_WITH_PATTERN_KEYS = ("tensors", "rest", "identity_rest", "layer_defaul
 def _parse_yaml_path(text: str) -> tuple[Any, ...]:
     """Inverse of `format_yaml_path` for our files: the key after a section name may itself contain dots."""
     head, _, rest = text.partition(".")
+    if head == "sublayers" and rest:  # sublayers.<kind>.<pattern>...: a section of patterns one level down
+        kind, _, inner = rest.partition(".")
+        return ("sublayers", kind, *_parse_yaml_path(f"tensors.{inner}")[1:]) if inner else ("sublayers", kind)
     if head in _SECTIONS_WITH_PATTERN_KEYS and rest:
         # the pattern key ends where a known rule field starts
-        m = re.search(r"\.(from|ops|init|concat|dtype|when|otherwise|size|full|keep|upto|per|score)(\.|\[|$)", rest)
+        m = re.search(
+            r"\.(from|ops|init|fit|concat|dtype|when|otherwise|size|full|keep|upto|reserve|per|score)(\.|\[|$)", rest
+        )
         key, tail = (rest[: m.start()], rest[m.start() + 1 :]) if m else (rest, "")
         return (head, key, *_split_simple(tail))
     return _split_simple(text)
@@ -83,7 +88,7 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     out: list[Any] = []
     previous: Any = None
     for part in loc:
-        is_tag = part in ("from", "init", "concat") and (
+        is_tag = part in ("from", "init", "fit", "concat") and (
             previous in ("expr", "otherwise") or (isinstance(previous, int) and "parts" in out)
         )
         if part != "expr" and not is_tag:
@@ -131,19 +136,34 @@ def find_mapping(name_or_path: str) -> Path:
     raise MappingError(f"unknown mapping {name_or_path!r}; shipped mappings: {', '.join(sorted(shipped))}")
 
 
-def default_mapping_for(target: str, family: str = "vim") -> Path:
+def default_mapping_for(target: str, family: str = "vim", *, with_images: bool = False) -> Path:
     """The shipped mapping whose `default_for` lists `target`; else the one listing `"*"` for the target family.
+    With real calibration images (`with_images`), a mapping whose `default_with_images` claims the target the same
+    way comes first: fitted mappings need images, so they are the default only when there are some.
 
-    Exactly one file may claim a name (and one the wildcard); `tmconvert check` reports clashes.
+    Exactly one file may claim a name (and one the wildcard) per list; `tmconvert check` reports clashes.
     """
+    if with_images:
+        with_data = _claims(target, family, "default_with_images")
+        if with_data:
+            return _one_owner(target, with_data)
+    return _one_owner(target, _claims(target, family, "default_for"))
+
+
+def _claims(target: str, family: str, field: str) -> list[Path]:
+    """The shipped mappings whose list `field` names `target`, else those whose list has "*" for the family."""
     named, wildcard = [], []
     for path in shipped_mapping_paths():
         spec = load_mapping(path).mapping
-        if target in spec.default_for:
+        claims = getattr(spec, field)
+        if target in claims:
             named.append(path)
-        elif "*" in spec.default_for and spec.target == family:
+        elif "*" in claims and spec.target == family:
             wildcard.append(path)
-    owners = named or wildcard
+    return named or wildcard
+
+
+def _one_owner(target: str, owners: list[Path]) -> Path:
     if len(owners) != 1:
         found = ", ".join(p.name for p in owners) or "none"
         raise MappingError(f"no unique default mapping for target {target!r} (default_for in: {found}); pass --mapping")

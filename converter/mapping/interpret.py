@@ -1,9 +1,10 @@
 """The interpreter of the mapping language: rules bound to one target tensor, and their evaluation.
 
 `bind` fills a rule's `{layer}` / `{block}` placeholders and turns it into a tree of nodes (a source tensor with an
-op chain, an initialiser, a concat). `evaluate` computes the tensor a tree produces for one target region: on `meta`
-tensors when planning and checking (shapes only), on real tensors when converting; every op chain runs through
-`apply_chain`, which the plan also uses to trace which source entries an output reads and whether it subclones.
+op chain, an initialiser, a fitted tensor, a concat). `evaluate` computes the tensor a tree produces for one target
+region: on `meta` tensors when planning and checking (shapes only), on real tensors when converting; every op chain
+runs through `apply_chain`, which the plan also uses to trace which source entries an output reads and whether it
+subclones.
 Problems are raised as `RuleError`s carrying the YAML path of the rule part that failed.
 """
 
@@ -15,8 +16,9 @@ from typing import Any, Protocol
 
 import torch
 
+from tmconvert.converter.mapping.fits import FITS
 from tmconvert.converter.mapping.ops import OpSpec, concat
-from tmconvert.converter.mapping.schema import ConcatExpr, FromExpr, InitExpr, OpCall, fill_template, is_ref
+from tmconvert.converter.mapping.schema import ConcatExpr, FitExpr, FromExpr, InitExpr, OpCall, fill_template, is_ref
 
 
 class RuleError(Exception):
@@ -44,6 +46,17 @@ class InitNode:
 
 
 @dataclass(frozen=True)
+class FitNode:
+    """A tensor fitted to teacher block `block`'s sub-layer; `sources` are what the fit reads there."""
+
+    fit: str
+    block: int | None
+    sources: tuple[str, ...]
+    path: str
+    size: Any = None
+
+
+@dataclass(frozen=True)
 class ConcatNode:
     dim: int
     parts: tuple[Node, ...]
@@ -51,7 +64,7 @@ class ConcatNode:
     size: Any = None
 
 
-Node = SourceNode | InitNode | ConcatNode
+Node = SourceNode | InitNode | FitNode | ConcatNode
 
 
 def describe(node: Node, resolve: Callable[[Any], Any] | None = None) -> str:
@@ -63,6 +76,8 @@ def describe(node: Node, resolve: Callable[[Any], Any] | None = None) -> str:
         return " | ".join([node.name, *(op.describe(resolve) for op in node.ops)])
     if isinstance(node, InitNode):
         return f"init:{node.init}"
+    if isinstance(node, FitNode):
+        return f"fit:{node.fit}(block {node.block})"
     return f"cat{node.dim}[" + " ; ".join(describe(p, resolve) for p in node.parts) + "]"
 
 
@@ -76,6 +91,8 @@ def source_paths(node: Node) -> list[tuple[str, str]]:
     if isinstance(node, SourceNode):
         named_by_ops = [(s, f"{node.path}.ops[{i}]") for i, op in enumerate(node.ops) for s in op.referenced_sources()]
         return [(node.name, f"{node.path}.from"), *named_by_ops]
+    if isinstance(node, FitNode):
+        return [(name, f"{node.path}.fit") for name in node.sources]
     if isinstance(node, ConcatNode):
         return [s for p in node.parts for s in source_paths(p)]
     return []
@@ -106,6 +123,11 @@ def bind(expr: Any, path: str, binding: dict[str, int]) -> Node:
         return SourceNode(name, tuple(ops), path, expr.size)
     if isinstance(expr, InitExpr):
         return InitNode(expr.init, path, expr.size)
+    if isinstance(expr, FitExpr):
+        if "block" not in binding:
+            raise RuleError(f"{path}.fit", "a fit makes a layer from a teacher block: use it in inherited layers only")
+        sources = tuple(fill_template(t, binding) for t in FITS[expr.fit].reads)
+        return FitNode(expr.fit, binding["block"], sources, path, expr.size)
     assert isinstance(expr, ConcatExpr)
     parts = tuple(bind(p, f"{path}.concat.parts[{i}]", binding) for i, p in enumerate(expr.concat.parts))
     return ConcatNode(expr.concat.dim, parts, path, expr.size)
@@ -191,14 +213,20 @@ class OpContext:
         return spec.full / spec.keep
 
 
+def _no_fits(name: str) -> torch.Tensor:
+    raise ValueError(f"{name} is fitted on calibration images, and none were fitted here")
+
+
 @dataclass
 class EvalContext:
-    """How leaves become tensors: `load(name)` a source tensor (fp32), `init(kind, name)` a whole default tensor."""
+    """How leaves become tensors: `load(name)` a source tensor (fp32), `default(name)` a whole default-initialised
+    target tensor, `fitted(name)` a whole fitted one."""
 
     load: Callable[[str], torch.Tensor]
     default: Callable[[str], torch.Tensor]
     ops: OpContext
     meta: bool
+    fitted: Callable[[str], torch.Tensor] = _no_fits
 
 
 @dataclass(frozen=True)
@@ -271,6 +299,12 @@ def evaluate(node: Node, ctx: EvalContext, region: Region) -> torch.Tensor:
     """The tensor an expression produces for `region` (float32; on meta when `ctx.meta`)."""
     if isinstance(node, SourceNode):
         return apply_chain(node, ctx.load(node.name), ctx.ops)
+    if isinstance(node, FitNode):
+        whole = region.full_shape or region.shape
+        tensor = torch.empty(whole, device="meta") if ctx.meta else ctx.fitted(region.target).float()
+        for dim, start, length in region.narrowing:
+            tensor = tensor.narrow(dim, start, length)
+        return tensor
     if isinstance(node, InitNode):
         whole = region.full_shape or region.shape
         if node.init == "default":

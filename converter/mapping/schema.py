@@ -1,8 +1,10 @@
 """The mapping language's schema: what a mapping file may say, as pydantic models.
 
-A mapping says where every target tensor comes from: a source tensor and an op chain, an initialiser, or a concat of
-parts, per target-name pattern (`layers.{layer}.mixer.in_proj.weight`), in sections for inherited layers
-(`tensors`), the layers no teacher block feeds (`rest`, `identity_rest`) and every layer (`layer_defaults`).
+A mapping says where every target tensor comes from: a source tensor and an op chain, an initialiser, a fit on
+calibration images, or a concat of parts, per target-name pattern (`layers.{layer}.mixer.in_proj.weight`), in
+sections for inherited layers (`tensors`; or `sublayers.attn` / `sublayers.mlp` when each student layer inherits one
+sub-layer of a teacher block), the layers no teacher block feeds (`rest`, `identity_rest`) and every layer
+(`layer_defaults`).
 `docs/mappings.md` is the language reference and the shipped files in `mappings/` are worked examples. Reading files
 is `files.py`'s job, evaluating rules `interpret.py`'s, resolving them against real architectures the planner's.
 """
@@ -29,10 +31,12 @@ from pydantic import (
 
 from tmconvert.converter.dtypes import STORABLE
 from tmconvert.converter.mapping import ops as ops_mod
+from tmconvert.converter.mapping.fits import FITS
 
 FORMAT_VERSION = 1
 INITIALISERS = ("default", "zeros", "ones", "conv_identity")
 SCORE_SIGNALS = ("residual", "mlp_hidden", "attn_value")
+SUBLAYERS = ("attn", "mlp")  # the two residual sub-layers of a teacher block, in order
 
 _TARGET_PLACEHOLDERS = {"layer"}
 _SOURCE_PLACEHOLDERS = {"layer", "block"}
@@ -53,6 +57,9 @@ class IndexSet(_Model):
     full: IntRef = Field(description="width of the teacher axis the set indexes, e.g. source.embed_dim")
     keep: IntRef = Field(description="how many entries the student keeps, e.g. target.embed_dim")
     upto: bool = Field(False, description="keep min(keep, full): a narrower teacher gives all its entries")
+    reserve: int = Field(
+        0, ge=0, description="the student has this many fewer places (channels a fit sets aside, e.g. a constant)"
+    )
     per: Literal["model", "block"] = Field("model", description="one set for the whole model, or one per block")
     score: Literal[SCORE_SIGNALS] = Field(description="which teacher signal ranks the entries")
 
@@ -137,6 +144,12 @@ class InitExpr(_ExprBase):
     init: Literal[INITIALISERS]
 
 
+class FitExpr(_ExprBase):
+    """A tensor of a student layer fitted to its teacher sub-layer on calibration images (`fits.FITS`)."""
+
+    fit: Literal[tuple(FITS)]
+
+
 class Concat(_Model):
     dim: int
     parts: list[Expr] = Field(min_length=1)
@@ -150,20 +163,23 @@ class ConcatExpr(_ExprBase):
 
 def _expr_kind(raw: Any) -> str | None:
     if isinstance(raw, dict):
-        for key in ("from", "init", "concat"):
+        for key in ("from", "init", "fit", "concat"):
             if key in raw:
                 return key
     if isinstance(raw, BaseModel):
-        return {FromExpr: "from", InitExpr: "init", ConcatExpr: "concat"}.get(type(raw))
+        return {FromExpr: "from", InitExpr: "init", FitExpr: "fit", ConcatExpr: "concat"}.get(type(raw))
     return None
 
 
 Expr = Annotated[
-    Annotated[FromExpr, Tag("from")] | Annotated[InitExpr, Tag("init")] | Annotated[ConcatExpr, Tag("concat")],
+    Annotated[FromExpr, Tag("from")]
+    | Annotated[InitExpr, Tag("init")]
+    | Annotated[FitExpr, Tag("fit")]
+    | Annotated[ConcatExpr, Tag("concat")],
     Discriminator(
         _expr_kind,
         custom_error_type="expr_kind",
-        custom_error_message="a rule needs one of `from:` (a source tensor), `init:` or `concat:`",
+        custom_error_message="a rule needs one of `from:` (a source tensor), `init:`, `fit:` or `concat:`",
     ),
 ]
 Concat.model_rebuild()
@@ -213,11 +229,20 @@ class Mapping(_Model):
     source: Literal["vit"]
     target: Literal["vim"]
     default_for: list[str] = Field(default_factory=list, description="registry targets this mapping is default for")
+    default_with_images: list[str] = Field(
+        default_factory=list,
+        description="targets this mapping is the default for when --calib names real images (a fitted mapping)",
+    )
     supports: list[tuple[str, str]] | None = Field(None, description="(source, target) pairs `check` verifies")
     requires: dict[str, Any] = Field(default_factory=dict, description="source config fields that must match")
     options: Options = Field(default_factory=Options)
     index_sets: dict[str, IndexSet] = Field(default_factory=dict)
     tensors: dict[str, Rule]
+    sublayers: dict[Literal[SUBLAYERS], dict[str, Rule]] = Field(
+        default_factory=dict,
+        description="per-layer rules when each student layer inherits one teacher sub-layer: student layers 2i and "
+        "2i+1 take block i's attention and MLP (the layer plan interleaves); `tensors` then holds the other tensors",
+    )
     rest: dict[str, Rule] = Field(default_factory=dict, description="layers no teacher block feeds")
     identity_rest: dict[str, Rule] = Field(default_factory=dict, description="overrides of `rest` (--identity-rest)")
     layer_defaults: dict[str, Rule] = Field(
@@ -233,6 +258,32 @@ class Mapping(_Model):
         for pattern in rules:
             _check_placeholders(pattern, _TARGET_PLACEHOLDERS)
         return rules
+
+    @field_validator("sublayers")
+    @classmethod
+    def _sublayer_patterns(cls, sections: dict[str, dict[str, Rule]]) -> dict[str, dict[str, Rule]]:
+        for rules in sections.values():
+            cls._patterns(rules)
+        return sections
+
+    @model_validator(mode="after")
+    def _interleaved(self) -> Mapping:
+        if self.sublayers:
+            missing = [kind for kind in SUBLAYERS if kind not in self.sublayers]
+            if missing:
+                raise ValueError(f"sublayers needs a section for each sub-layer; missing: {', '.join(missing)}")
+            per_layer = [p for p in self.tensors if "{layer}" in p]
+            if per_layer:
+                where = "sublayers.attn / sublayers.mlp"
+                raise ValueError(f"with sublayers, per-layer rules go under {where}, not tensors: {per_layer[0]}")
+        return self
+
+    def rule_sections(self) -> dict[str, dict[str, Rule]]:
+        """Every rule section by its YAML path prefix (`tensors`, `sublayers.attn`, ...)."""
+        sections = {"tensors": self.tensors}
+        sections.update({f"sublayers.{kind}": rules for kind, rules in self.sublayers.items()})
+        sections.update({"rest": self.rest, "identity_rest": self.identity_rest, "layer_defaults": self.layer_defaults})
+        return sections
 
 
 # ---------------------------------------------------------------------------------------------------------------

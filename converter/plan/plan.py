@@ -23,9 +23,12 @@ from tmconvert.converter import dtypes
 from tmconvert.converter.configs import config_json
 from tmconvert.converter.mapping.errors import MappingError
 from tmconvert.converter.mapping.files import LoadedMapping
+from tmconvert.converter.mapping.fits import FITS
 from tmconvert.converter.mapping.interpret import (
+    ConcatNode,
     EvalContext,
     FailedIndexSetError,
+    FitNode,
     Node,
     OpContext,
     Region,
@@ -45,8 +48,7 @@ from tmconvert.converter.mapping.schema import Pattern, Rule
 from tmconvert.converter.plan.layers import LayerPlan, plan_layers
 from tmconvert.models import ViTConfig, family_of, state_dict_shapes
 
-KINDS = ("inherited", "subcloned", "partial", "initialised")
-RULE_SECTIONS = ("tensors", "rest", "identity_rest", "layer_defaults")
+KINDS = ("inherited", "subcloned", "fitted", "partial", "initialised")
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,11 @@ class Plan:
     def needs_default_init(self) -> bool:
         return any("default" in node_inits(e.node) for e in self.entries)
 
+    @property
+    def needs_fit(self) -> bool:
+        """Whether some tensor is fitted on calibration images (the engine then runs the teacher on them)."""
+        return any(isinstance(node, FitNode) for e in self.entries for node, _ in walk(e.node))
+
     def peak_memory_bytes(self, *, activation_scoring: bool = False) -> int:
         """Estimate: the default-initialised target (fp32), a few fp32 copies of the largest source tensor, the
         output tensor being written, and the fp32 teacher while activation scores are computed."""
@@ -238,7 +245,7 @@ class Plan:
                 "config": config_json(self.target.config),
             },
             "options": self.options,
-            "layers": [{"layer": j, "block": b} for j, b in enumerate(self.layers.blocks)],
+            "layers": self.layers.to_json(),
             "index_sets": {
                 name: {"full": s.full, "keep": s.keep, "per": s.per, "score": s.score, "blocks": list(s.blocks)}
                 for name, s in self.index_sets.items()
@@ -301,6 +308,7 @@ def _resolve_index_sets(
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (full, keep)):
             problems.add(path, f"full and keep must resolve to integers, got {full!r} and {keep!r}")
             continue
+        keep -= spec.reserve  # the student's room, less the channels the rules set aside
         if spec.upto:
             keep = min(keep, full)
         if keep <= 0 or keep > full:
@@ -346,7 +354,10 @@ def _norm(value: Any) -> Any:
 
 def _classify(node: Node, ctx: EvalContext) -> str:
     """inherited: every value copied from the source (possibly re-laid out); subcloned: some op picked a subset or
-    changed values (each op says when it does); initialised: no source at all; partial: both source and init."""
+    changed values (each op says when it does); fitted: solved on calibration images from the teacher's sub-layer;
+    initialised: no source at all; partial: both source and init."""
+    if any(isinstance(leaf, FitNode) for leaf, _ in walk(node)):
+        return "fitted"
     has_source = bool(node_sources(node))
     has_init = bool(node_inits(node))
     if has_source and has_init:
@@ -425,14 +436,14 @@ def build_plan(
             f"not {source_family} -> {target_family}"
         )
     configs = {"source": source.config, "target": target.config}
-    layer_plan = plan_layers(layers, source.config.depth, target.config.depth)
+    layer_plan = plan_layers(layers, source.config.depth, target.config.depth, interleaved=bool(spec.sublayers))
     problems = _Problems()
     for problem in _check_requires(mapping, configs):
         problems.add(problem.path, problem.message)
     index_sets, failed_sets = _resolve_index_sets(mapping, configs, layer_plan, problems)
-    planner = _Planner(configs, index_sets, failed_sets, source, dtype, problems)
+    planner = _Planner(configs, index_sets, failed_sets, source, dtype, problems, layer_plan)
 
-    sections = {section: _RuleIndex(section, getattr(spec, section)) for section in RULE_SECTIONS}
+    sections = {section: _RuleIndex(section, rules) for section, rules in spec.rule_sections().items()}
     matched_rules: set[str] = set()
     entries: list[PlanEntry] = []
     unproduced: dict[str, list[str]] = {}
@@ -449,6 +460,8 @@ def build_plan(
             candidates = globals_ + (
                 found["identity_rest"] if identity_rest and found["identity_rest"] else found["rest"]
             )
+        elif layer is not None and layer_plan.interleaved:
+            candidates = globals_ + found[f"sublayers.{layer_plan.sublayers[layer]}"]
         else:
             candidates = found["tensors"]
         matched_rules.update(path for path, _, _ in found["layer_defaults"])  # a default may go unneeded
@@ -485,7 +498,7 @@ def build_plan(
         index_sets=index_sets,
         entries=entries,
         dropped=[n for n in source.shapes if n not in used_sources],
-        options={"layers": layer_plan.inherited, "identity_rest": identity_rest, "dtype": dtype, **(options or {})},
+        options={"layers": layer_plan.effective, "identity_rest": identity_rest, "dtype": dtype, **(options or {})},
         problems=problems.list(),
         warnings=list(layer_plan.warnings),
         unused_rules=unused,
@@ -503,9 +516,10 @@ class _Planner:
         source: SourceSide,
         dtype: str,
         problems: _Problems,
+        layers: LayerPlan,
     ):
         self.configs, self.index_sets, self.failed_sets = configs, index_sets, failed_sets
-        self.source, self.dtype, self.problems = source, dtype, problems
+        self.source, self.dtype, self.problems, self.layers = source, dtype, problems, layers
         self.placeholder = _placeholder_selection(index_sets)
 
     def _meta_load(self, name: str) -> torch.Tensor:
@@ -531,7 +545,7 @@ class _Planner:
                 note = f"otherwise: {rule.when.if_equal[0]}={a!r} != {rule.when.if_equal[1]}={b!r}"
         binding = {k: v for k, v in (("layer", layer), ("block", block)) if v is not None}
         try:
-            node = bind(expr, expr_path, binding)
+            node = self._fit_sources(bind(expr, expr_path, binding), layer)
             for leaf, leaf_path in source_paths(node):
                 if leaf not in self.source.shapes:
                     raise RuleError(leaf_path, f"source tensor {leaf} does not exist in this checkpoint")
@@ -548,6 +562,26 @@ class _Planner:
         return PlanEntry(
             name, tuple(shape), rule.dtype or self.dtype, kind, rule_path, node, layer, block, expr_text, note
         )
+
+    def _fit_sources(self, node: Node, layer: int | None) -> Node:
+        """A fit reads what the teacher has of its declared sources (LayerScale, biases); it needs its index sets,
+        and it must sit in a layer that inherits the sub-layer it reproduces."""
+        if isinstance(node, ConcatNode):
+            return dataclasses.replace(node, parts=tuple(self._fit_sources(p, layer) for p in node.parts))
+        if not isinstance(node, FitNode):
+            return node
+        spec = FITS[node.fit]
+        missing = [s for s in spec.sets if s not in self.index_sets and s not in self.failed_sets]
+        if missing:
+            raise RuleError(f"{node.path}.fit", f"fit {node.fit} needs index sets {', '.join(missing)} (index_sets)")
+        part = self.layers.sublayers[layer] if layer is not None else None
+        if part != spec.sublayer:
+            raise RuleError(
+                f"{node.path}.fit",
+                f"fit {node.fit} reproduces a teacher {spec.sublayer} sub-layer; this layer takes {part} "
+                f"(use it under sublayers.{spec.sublayer})",
+            )
+        return dataclasses.replace(node, sources=tuple(s for s in node.sources if s in self.source.shapes))
 
 
 def _placeholder_selection(index_sets: dict[str, IndexSetPlan]) -> Callable[[str, int | None], torch.Tensor]:

@@ -65,6 +65,7 @@ class LayerSimilarity:
     layer: int
     block: int | None  # teacher block the layer was initialised from; None for default-initialised layers
     cosine: float  # mean over tokens and images; against the last inherited block when `block` is None
+    sublayer: str | None = None  # "attn" / "mlp": compared with the stream after that sub-layer; None: the block
 
 
 @dataclass
@@ -221,7 +222,7 @@ def _compare_with_teacher(
             return tokens if channels is None else tokens[..., channels]
 
         plan = _layer_plan(metadata, path)
-        beyond = sorted(b for b in plan.values() if b >= tcfg.depth)
+        beyond = sorted(b for b, _ in plan.values() if b >= tcfg.depth)
         if beyond:
             report.not_compared["layers"] = (
                 f"the file's layer plan names teacher block {beyond[-1]}; this teacher's last is {tcfg.depth - 1}"
@@ -229,16 +230,18 @@ def _compare_with_teacher(
         elif not plan:
             report.not_compared["layers"] = "no student layer was initialised from a teacher block (layer plan)"
         else:
-            last_block = None
+            last: tuple[int, str | None] | None = None
             for j, tokens in enumerate(ref.layer_tokens):
-                block = plan.get(j)
-                last_block = block if block is not None else last_block
-                if last_block is None:
+                block, part = plan.get(j, (None, None))
+                last = (block, part) if block is not None else last
+                if last is None:
                     continue
-                cos = _mean_token_cosine(tokens, as_student(tout.layer_tokens[last_block]), valid)
-                report.layers.append(LayerSimilarity(layer=j, block=block, cosine=cos))
+                # an attention sub-layer ends mid-block; anything else at the end of its (last) teacher block
+                reference = tout.mid_tokens[last[0]] if last[1] == "attn" else tout.layer_tokens[last[0]]
+                cos = _mean_token_cosine(tokens, as_student(reference), valid)
+                report.layers.append(LayerSimilarity(layer=j, block=block, cosine=cos, sublayer=part))
                 if not math.isfinite(cos):
-                    report.problems.append(f"layer {j}: cosine to teacher block {last_block} is {cos}")
+                    report.problems.append(f"layer {j}: cosine to teacher block {last[0]} is {cos}")
         report.final_cosine = _mean_token_cosine(ref.final_tokens, as_student(tout.final_tokens), valid)
         if not math.isfinite(report.final_cosine):
             report.problems.append(f"final features: cosine to the teacher is {report.final_cosine}")
@@ -304,8 +307,9 @@ def _kept_channels(metadata: dict[str, Any], width: int, teacher_width: int) -> 
     return kept if fits else None
 
 
-def _layer_plan(metadata: dict[str, Any], path: Path) -> dict[int, int]:
-    """Student layer -> the teacher block it was initialised from (default-initialised layers left out)."""
+def _layer_plan(metadata: dict[str, Any], path: Path) -> dict[int, tuple[int, str | None]]:
+    """Student layer -> the teacher block it was initialised from and the sub-layer ("attn" / "mlp"; None: the whole
+    block), default-initialised layers left out."""
     rows = metadata.get("layer_plan", [])
     if not (isinstance(rows, list) and all(isinstance(row, dict) for row in rows)):
         raise VerificationError(f"{path}: its layer_plan metadata is not a list of {{layer, block}} rows")
@@ -316,5 +320,8 @@ def _layer_plan(metadata: dict[str, Any], path: Path) -> dict[int, int]:
             continue
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (layer, block)):
             raise VerificationError(f"{path}: its layer_plan metadata has the row {row!r}; expected whole numbers")
-        plan[layer] = block
+        part = row.get("sublayer")
+        if part not in (None, "attn", "mlp"):
+            raise VerificationError(f"{path}: its layer_plan metadata has the row {row!r}; sublayer is attn or mlp")
+        plan[layer] = (block, part)
     return plan
