@@ -26,7 +26,7 @@ from tests._distill_factory import (
 from tmconvert.converter.cli import main
 from tmconvert.converter.distill.errors import RecipeError, RunError
 from tmconvert.converter.distill.recipe import Recipe, load_recipe
-from tmconvert.converter.distill.run import even_pairs, prepare_run, run_distillation
+from tmconvert.converter.distill.run import even_pairs, plan_pairs, prepare_run, run_distillation
 from tmconvert.converter.modelfile.classifier import load_classifier
 from tmconvert.converter.modelfile.converted import read_metadata
 from tmconvert.models.vim import VisionMamba
@@ -133,6 +133,13 @@ def test_from_scratch_student_adapts_to_the_teacher(files, tmp_path):
     assert meta["target"] == name and meta["distill"]["pairs"] == [[0, 0], [1, 1]]
     assert even_pairs(24, 12) == [(2 * k + 1, k) for k in range(12)]
     assert even_pairs(4, 12) == [(0, 2), (1, 5), (2, 8), (3, 11)]
+
+
+def test_interleaved_plans_pair_the_layers_that_end_a_block() -> None:
+    """Feature alignment compares with block outputs: a layer that took a block's attention ends mid-block."""
+    plan = [{"layer": 0, "block": 0, "sublayer": "attn"}, {"layer": 1, "block": 0, "sublayer": "mlp"}]
+    plan += [{"layer": 2, "block": 1}, {"layer": 3, "block": None}]
+    assert plan_pairs({"layer_plan": plan}) == [(1, 0), (2, 1)]
 
 
 def test_unlabelled_folder_turns_the_task_loss_off(files, tmp_path):

@@ -27,15 +27,16 @@ MAPPING_SHA256_AT_PIN = "566963140c412d21576aebd8b627b1ea7fdfd2de956a675068855ee
 
 # Pin history: set before the restructure into per-stage packages (which changed no byte); updated once when the
 # teacher config gained reg_tokens / pre_norm / patch_bias / act, which every file records in `source_config`
-# (the tensors did not change: the .pth pin, weights only, stayed the same).
+# (the tensors did not change: the .pth pin, weights only, stayed the same); updated again when the plan's tensor
+# counts gained the kind `fitted` (metadata and sidecar `counts` have `"fitted": 0`; .pth and tensors unchanged).
 # README main job: `bin/tmconvert assets/fmnist-vit-t.safetensors --to vim-t`
-MAIN_JOB_SHA256 = "ff088e4956224ae62c2033d7bdeb57934f8facbd8587b36594fec07ae5ca3e87"
-MAIN_JOB_SIDECAR_SHA256 = "cd0b227e78aca836d07a18f892c6842b43abfbc1b9032ab9312c05a7175442b5"
+MAIN_JOB_SHA256 = "37a4ed172368d78e3359ec69326d1bfc02b718f71d6a547e9ca13ee4c1fc5acf"
+MAIN_JOB_SIDECAR_SHA256 = "2475fe070487c202405bd7c013ad5c64d0e6aec782a5a870724f2b171bb8e32a"
 # `--format vim`: the same conversion plus the upstream-Vim `{'model': state_dict}` .pth
-VIM_SAFETENSORS_SHA256 = "0e1716cbeef734cee9b6e101f948c81d0f650cfb890c450f70b33f17ab1b5381"
+VIM_SAFETENSORS_SHA256 = "f62e2c8d8bcd811f2c5a97f4ee99802721d6c8c9a930f8edd0067a3cddb7f3a6"
 VIM_PTH_SHA256 = "4a662b38b1a0e7de7010778faf46f4f7f58c5044214754654b375debefabeb9f"
 # `tmconvert distill` of the main job's student, 3 steps on synthetic images
-DISTILLED_SHA256 = "26848d0a8a6043fd7f27ab3acfd3e755b3e95e5c458a3b5d95b4bad3057dba59"
+DISTILLED_SHA256 = "40a4c4dec3221178ca4ed0e543d5205a36fef2912c472d00b8081b04545c96f8"
 
 RECIPE = "recipe: 1\nbatch_size: 8\nsteps: 3\ndata:\n  workers: 0\nrun:\n  log_every: 1\n"
 

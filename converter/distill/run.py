@@ -114,9 +114,15 @@ def even_pairs(student_depth: int, teacher_depth: int) -> list[tuple[int, int]]:
 
 
 def plan_pairs(metadata: dict[str, Any]) -> list[tuple[int, int]]:
-    """(student layer, teacher block) of every inherited layer in a converted file's layer plan."""
+    """(student layer, teacher block) of every inherited layer in a converted file's layer plan whose output is that
+    block's output: a layer that took only a block's attention sub-layer ends mid-block and is not paired (its MLP
+    partner, the next layer, is)."""
     plan = metadata.get("layer_plan") or []
-    return [(int(e["layer"]), int(e["block"])) for e in plan if isinstance(e, dict) and e.get("block") is not None]
+    return [
+        (int(e["layer"]), int(e["block"]))
+        for e in plan
+        if isinstance(e, dict) and e.get("block") is not None and e.get("sublayer", "block") != "attn"
+    ]
 
 
 def resolve_pairs(
