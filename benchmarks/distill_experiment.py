@@ -44,7 +44,7 @@ import torch
 
 from tmconvert.converter.convert.engine import ConvertRequest, convert
 from tmconvert.converter.data.loaders import ImageDataset, eval_batches
-from tmconvert.converter.data.preprocess import Preprocess
+from tmconvert.converter.data.preprocess import InputSpec, Preprocess
 from tmconvert.converter.data.sources import open_source
 from tmconvert.converter.distill.processes import DistContext, init_distributed
 from tmconvert.converter.distill.recipe import load_recipe
@@ -97,8 +97,9 @@ def _test_accuracy(
     model_path: Path, data: str, args: argparse.Namespace, device: torch.device, split: str = "test"
 ) -> dict[str, Any]:
     loaded = load_classifier(model_path)
-    source = open_source(data, split=split, img_size=loaded.input_spec.img_size, num_classes=loaded.config.num_classes)
-    dataset = ImageDataset(source, Preprocess(loaded.input_spec, train=False))
+    spec = InputSpec.for_model(loaded.config.img_size, loaded.config.in_chans, loaded.metadata)  # as `tmconvert eval`
+    source = open_source(data, split=split, img_size=spec.img_size, num_classes=loaded.config.num_classes)
+    dataset = ImageDataset(source, Preprocess(spec, train=False))
     batches = eval_batches(dataset, batch_size=512, limit=args.eval_limit, workers=args.workers)
     result = measure_accuracy(loaded.model.to(device), batches, num_classes=loaded.config.num_classes, device=device)
     return {"top1": result.top1, "top5": result.top5, "test_loss": result.loss, "test_images": result.images}
