@@ -68,7 +68,7 @@ returned teacher.pack.* into .carry/dx2/ and x/results.jsonl, x/summary.md into 
     set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \\
       .whl/*.whl && export PYTHONPATH=/tmp/site || exit; source benchmarks/device_env.sh; export PYTHONUNBUFFERED=1
     python3 benchmarks/device_pack.py unpack $P --to /tmp/dx || exit 3
-    mkdir -p $OUT/x; cp .carry/dxout/* $OUT/x/ 2>/dev/null
+    mkdir -p $OUT/x; cp .carry/dxout/* $OUT/x/ 2>/dev/null; chmod -R u+w $OUT/x
     python3 benchmarks/dinov2_experiment.py STAGE --out $OUT/x --work /tmp/dx/work --teacher \\
       /tmp/dx/teacher.safetensors --data-root /tmp/dx/fashion-mnist --workers 12 --max-minutes 8 \\
       2>&1 | tee $OUT/x/call.log | tail -60
