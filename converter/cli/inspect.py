@@ -82,21 +82,13 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
 
 
 def converting_mappings(ckpt: Checkpoint) -> list[dict[str, Any]]:
-    """The shipped mappings that accept this checkpoint: the default for every target (`default_for: "*"`) first,
-    then the default when --calib names real images (`default_with_images: "*"`)."""
+    """The shipped mappings that accept this checkpoint, the default for every target (`default_for: "*"`) first."""
     found = []
     for path in shipped_mapping_paths():
         loaded = load_mapping(path)
         if accepts_source(loaded, ckpt.config):
-            spec = loaded.mapping
-            found.append(
-                {
-                    "name": loaded.name,
-                    "default": "*" in spec.default_for,
-                    "default_with_images": "*" in spec.default_with_images,
-                }
-            )
-    return sorted(found, key=lambda m: (not m["default"], not m["default_with_images"]))
+            found.append({"name": loaded.name, "default": "*" in loaded.mapping.default_for})
+    return sorted(found, key=lambda m: not m["default"])
 
 
 def _print_summary(ckpt: Checkpoint) -> None:
@@ -112,11 +104,7 @@ def _print_summary(ckpt: Checkpoint) -> None:
     summary.add_row("naming", ckpt.naming)
     summary.add_row("family", f"{ckpt.family} ({_variant(cfg)})")
     mappings = converting_mappings(ckpt)
-    label = {(True, False): " (default)", (False, True): " (default with --calib images)"}
-    shown = (
-        ", ".join(m["name"] + label.get((m["default"], m["default_with_images"]), "") for m in mappings)
-        or "none of the shipped"
-    )
+    shown = ", ".join(m["name"] + (" (default)" if m["default"] else "") for m in mappings) or "none of the shipped"
     summary.add_row("layout", f"{ckpt.layout}; converts with {shown}")
     summary.add_row("config", _config_line(cfg))
     summary.add_row("parameters", f"{ckpt.num_params:,} in {len(ckpt)} tensors")

@@ -74,7 +74,6 @@ def catalogue() -> dict[str, Any]:
                 "source": spec.source,
                 "target": spec.target,
                 "default_for": spec.default_for,
-                "default_with_images": spec.default_with_images,
                 "description": spec.description,
                 "sha256": loaded.sha256,
             }
@@ -131,10 +130,7 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON o
             mappings.add_row(m["name"], "", "", f"[red]invalid:[/] {m['error']}")
         else:
             mappings.add_row(
-                m["name"],
-                f"{m['source']} -> {m['target']}",
-                ", ".join(m["default_for"] + [f"{t} (with --calib images)" for t in m["default_with_images"]]),
-                m["description"],
+                m["name"], f"{m['source']} -> {m['target']}", ", ".join(m["default_for"]), m["description"]
             )
     console.print(mappings)
     ops = Table(title="mapping ops (see docs/mappings.md)", title_justify="left")

@@ -41,7 +41,7 @@ def declared_kind(path: Path) -> str:
 def check_files(paths: list[Path]) -> list[FileReport]:
     """Check each file as what it declares, and that no two mappings claim the default for the same target."""
     reports: list[FileReport] = []
-    claims: dict[tuple[str, str], Path] = {}
+    claims: dict[str, Path] = {}
     for path in paths:
         report = FileReport(Path(path))
         reports.append(report)
@@ -55,11 +55,10 @@ def check_files(paths: list[Path]) -> list[FileReport]:
             report.problems.extend(str(exc).splitlines())
             continue
         report.pairs, report.problems = check_mapping(loaded)
-        for claim in ("default_for", "default_with_images"):
-            for i, name in enumerate(getattr(loaded.mapping, claim)):
-                if (claim, name) in claims:
-                    where = loaded.where(f"{claim}[{i}]")
-                    report.problems.append(f"{where}: {name!r} is also the default of {claims[claim, name]}")
-                else:
-                    claims[claim, name] = loaded.path
+        for i, name in enumerate(loaded.mapping.default_for):
+            if name in claims:
+                where = loaded.where(f"default_for[{i}]")
+                report.problems.append(f"{where}: {name!r} is also the default of {claims[name]}")
+            else:
+                claims[name] = loaded.path
     return reports
