@@ -193,28 +193,25 @@ def test_closed_form_mixing_is_the_models_own(fitted: Path) -> None:
             torch.testing.assert_close(solver.mixed(h), solver.mixer.mixed(h), rtol=1e-4, atol=1e-5)
 
 
-def test_a_fitted_mapping_needs_images_and_is_the_default_only_with_real_ones(tmp_path: Path) -> None:
+def test_a_fitted_mapping_needs_images(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="fits its layers on calibration images: pass --calib"):
         prepare(ConvertRequest(source=TEACHER, target="vim-t", out=tmp_path / "a.safetensors", mapping=MAPPING))
     assert default_mapping_for("vim-s").stem == "vit-vim-mlp"
-    assert default_mapping_for("vim-s", with_images=True).stem == MAPPING
     images = tmp_path / "images"
     images.mkdir()
     for i in range(4):
         Image.fromarray(np.full((28, 28), 60 * i, dtype=np.uint8)).save(images / f"{i}.png")
-    prepared = prepare(
-        ConvertRequest(source=TEACHER, target="vim-t", out=tmp_path / "b.safetensors", calib=str(images))
+    real = ConvertRequest(
+        source=TEACHER, target="vim-t", out=tmp_path / "b.safetensors", mapping=MAPPING, calib=str(images)
     )
-    assert prepared.mapping.name == MAPPING and not prepared.plan.warnings
+    prepared = prepare(real)
+    assert prepared.plan.needs_fit and not prepared.plan.warnings
     prepared.close()
-    noise = prepare(ConvertRequest(source=TEACHER, target="vim-t", out=tmp_path / "c.safetensors", calib="8"))
-    assert noise.mapping.name == "vit-vim-mlp"  # a count of synthetic images is not data to fit on
-    noise.close()
-    explicit = prepare(
+    noise = prepare(
         ConvertRequest(source=TEACHER, target="vim-t", out=tmp_path / "d.safetensors", mapping=MAPPING, calib="8")
     )
-    assert any("synthetic noise images" in w for w in explicit.plan.warnings)
-    explicit.close()
+    assert any("synthetic noise images" in w for w in noise.plan.warnings)
+    noise.close()
 
 
 def test_fitted_verify_report_names_each_sublayer(tmp_path: Path) -> None:

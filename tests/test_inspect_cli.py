@@ -86,9 +86,9 @@ def test_json_has_the_same_facts_and_every_tensor(tmp_path: Path, capsys) -> Non
         "head_dim": 8,
     }
     assert facts["layout"] == "vit" and facts["mappings"] == [
-        {"name": "vit-vim-mlp", "default": True, "default_with_images": False},
-        {"name": "vit-vim-interleaved", "default": False, "default_with_images": True},
-        {"name": "vit-vim-attn", "default": False, "default_with_images": False},
+        {"name": "vit-vim-mlp", "default": True},
+        {"name": "vit-vim-attn", "default": False},
+        {"name": "vit-vim-interleaved", "default": False},
     ]
     assert facts["config_file"] == str(path / "config.json")
     assert facts["num_params"] == sum(t.numel() for t in state_dict.values())

@@ -125,12 +125,7 @@ def prepare(request: ConvertRequest, *, check_outputs: bool = True) -> Prepared:
 
     out = request.out or default_output_path(request.source, request.target)
     paths = OutputPaths.for_weights(out, vim_pth=request.format == "vim")
-    with_images = isinstance(calib, str)  # a folder or dataset, not a count of synthetic images
-    mapping_path = (
-        find_mapping(request.mapping)
-        if request.mapping
-        else default_mapping_for(request.target, with_images=with_images)
-    )
+    mapping_path = find_mapping(request.mapping) if request.mapping else default_mapping_for(request.target)
     mapping = load_mapping(mapping_path)
     checkpoint = open_checkpoint(request.source, ema=request.ema, num_heads=request.num_heads)
     try:

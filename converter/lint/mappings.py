@@ -26,11 +26,9 @@ def check_mapping(loaded: LoadedMapping) -> tuple[list[tuple[str, str]], list[st
     spec = loaded.mapping
     problems: list[str] = []
     targets = set(list_models(spec.target))
-    for field in ("default_for", "default_with_images"):
-        for i, name in enumerate(getattr(spec, field)):
-            if name != "*" and name not in targets:
-                where = loaded.where(f"{field}[{i}]")
-                problems.append(f"{where}: unknown target {name!r}; targets: {sorted(targets)}")
+    for i, name in enumerate(spec.default_for):
+        if name != "*" and name not in targets:
+            problems.append(f"{loaded.where(f'default_for[{i}]')}: unknown target {name!r}; targets: {sorted(targets)}")
 
     pairs: list[tuple[str, str]] = []
     for i, (source, target) in enumerate(spec.supports or registry_pairs()):

@@ -136,34 +136,19 @@ def find_mapping(name_or_path: str) -> Path:
     raise MappingError(f"unknown mapping {name_or_path!r}; shipped mappings: {', '.join(sorted(shipped))}")
 
 
-def default_mapping_for(target: str, family: str = "vim", *, with_images: bool = False) -> Path:
+def default_mapping_for(target: str, family: str = "vim") -> Path:
     """The shipped mapping whose `default_for` lists `target`; else the one listing `"*"` for the target family.
-    With real calibration images (`with_images`), a mapping whose `default_with_images` claims the target the same
-    way comes first: fitted mappings need images, so they are the default only when there are some.
 
-    Exactly one file may claim a name (and one the wildcard) per list; `tmconvert check` reports clashes.
+    Exactly one file may claim a name (and one the wildcard); `tmconvert check` reports clashes.
     """
-    if with_images:
-        with_data = _claims(target, family, "default_with_images")
-        if with_data:
-            return _one_owner(target, with_data)
-    return _one_owner(target, _claims(target, family, "default_for"))
-
-
-def _claims(target: str, family: str, field: str) -> list[Path]:
-    """The shipped mappings whose list `field` names `target`, else those whose list has "*" for the family."""
     named, wildcard = [], []
     for path in shipped_mapping_paths():
         spec = load_mapping(path).mapping
-        claims = getattr(spec, field)
-        if target in claims:
+        if target in spec.default_for:
             named.append(path)
-        elif "*" in claims and spec.target == family:
+        elif "*" in spec.default_for and spec.target == family:
             wildcard.append(path)
-    return named or wildcard
-
-
-def _one_owner(target: str, owners: list[Path]) -> Path:
+    owners = named or wildcard
     if len(owners) != 1:
         found = ", ".join(p.name for p in owners) or "none"
         raise MappingError(f"no unique default mapping for target {target!r} (default_for in: {found}); pass --mapping")

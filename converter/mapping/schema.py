@@ -229,10 +229,6 @@ class Mapping(_Model):
     source: Literal["vit"]
     target: Literal["vim"]
     default_for: list[str] = Field(default_factory=list, description="registry targets this mapping is default for")
-    default_with_images: list[str] = Field(
-        default_factory=list,
-        description="targets this mapping is the default for when --calib names real images (a fitted mapping)",
-    )
     supports: list[tuple[str, str]] | None = Field(None, description="(source, target) pairs `check` verifies")
     requires: dict[str, Any] = Field(default_factory=dict, description="source config fields that must match")
     options: Options = Field(default_factory=Options)
