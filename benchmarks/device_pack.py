@@ -20,7 +20,7 @@ IDX files are 31 MB gzipped. Packs get both under the limit, losslessly for what
 A pack is written as `NAME.pack.000`, `NAME.pack.001`, ... of at most `--chunk-mib` (15) MiB each, so a pack made on
 the GPU machine under $OUT comes back whole.
 
-    python benchmarks/device_pack.py teacher /tmp/dinov2-s14 --to .carry/dinov2 --name pretrained
+    python benchmarks/device_pack.py teacher dinov2-s14 --to .carry/dinov2 --name pretrained
     python benchmarks/device_pack.py data --to .carry/dinov2 --train-ranges 0:30000,50000:50512
     python benchmarks/device_pack.py unpack .carry/dinov2 --to /tmp/dinov2        # on the GPU machine
 """

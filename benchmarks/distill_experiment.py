@@ -117,6 +117,28 @@ def _converted(args: argparse.Namespace, seed: int) -> Path:
     return path
 
 
+def train_or_resume(
+    teacher: Path, student: str, data: str, folder: Path, recipe: Any, dist: DistContext, deadline: float
+) -> tuple[dict[str, Any], float | None] | None:
+    """One distillation run into `folder`, resumed from its checkpoint if there is one: its final losses and seconds
+    (None when the student was already there), or None when the time ran out first (the checkpoint is kept)."""
+    if (folder / "student.safetensors").exists():
+        return json.loads((folder / "student.config.json").read_text())["distill"]["final"], None
+    resume = (folder / "checkpoint.pt").exists()
+    request = DistillRequest(
+        teacher=teacher,
+        student=student,
+        data=data,
+        out=folder,
+        recipe=recipe,
+        resume=resume,
+        force=not resume,
+        time_limit=max(1.0, deadline - time.monotonic()),
+    )
+    result = run_distillation(prepare_run(request, dist))
+    return (result.final, result.seconds) if result.finished else None
+
+
 def _run_arm(
     arm: str, seed: int, steps: int, lr: float | None, args: argparse.Namespace, dist: DistContext, deadline: float
 ) -> dict[str, Any] | None:
@@ -128,24 +150,10 @@ def _run_arm(
     train_data, val_data = _split_data(args)
     flags = {"steps": steps, "batch_size": args.batch_size, "seed": seed, "optim.lr": lr}
     loaded = load_recipe(args.recipe, [f"data.workers={args.workers}", *args.set, *overrides], flags)
-    resume = (folder / "checkpoint.pt").exists()
-    if not (folder / "student.safetensors").exists():
-        request = DistillRequest(
-            teacher=args.teacher,
-            student=student,
-            data=train_data,
-            out=folder,
-            recipe=loaded,
-            resume=resume,
-            force=not resume,
-            time_limit=max(1.0, deadline - time.monotonic()),
-        )
-        result = run_distillation(prepare_run(request, dist))
-        if not result.finished:
-            return None
-        final, seconds = result.final, result.seconds
-    else:
-        final, seconds = json.loads((folder / "student.config.json").read_text())["distill"]["final"], None
+    trained = train_or_resume(args.teacher, student, train_data, folder, loaded, dist, deadline)
+    if trained is None:
+        return None
+    final, seconds = trained
     row = {
         "arm": arm,
         "seed": seed,

@@ -16,7 +16,7 @@ what bf16 autocast multiplies with anyway; fewer make it pack smaller for the 64
 
 `dinov2_experiment.py finetune` runs this and records the row; standalone:
 
-    python benchmarks/finetune_dinov2.py /tmp/dinov2-s14 --out teacher.safetensors [--steps 585 --batch-size 256]
+    python benchmarks/finetune_dinov2.py dinov2-s14 --out teacher.safetensors [--steps 585 --batch-size 256]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ the calibration never saw, and prints, per mapping, every student layer's mean t
 stands for (the block output, or the mid-block stream for a layer that took an attention sub-layer), aligned token by
 token (ViM's cls sits in the middle) and on the student's residual channels. One JSON line per conversion.
 
-    python benchmarks/stage1_cosine.py /tmp/dinov2-s14 --img-size 112 --target vim-s \\
+    python benchmarks/stage1_cosine.py dinov2-s14 --img-size 112 --target vim-s \\
         --runs vit-vim-mlp:none vit-vim-interleaved:'fashion-mnist[:128]' vit-vim-interleaved:64 \\
         --eval 'fashion-mnist[1000:1064]'
 """

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,20 +104,23 @@ class _Streams:
     pre_act: torch.Tensor  # (B, T, H) fc1 output (before GELU)
 
 
-def _teacher_streams(teacher: VisionTransformer, images: torch.Tensor, tokens: torch.Tensor) -> list[_Streams]:
+def _teacher_streams(
+    teacher: VisionTransformer, images: torch.Tensor, tokens: torch.Tensor, blocks: int
+) -> list[_Streams]:
+    """The first `blocks` blocks of the teacher, unrolled so attention is computed once for both its output and the
+    attended values the fit reads; every stream keeps only `tokens` (the ones the student has)."""
     out: list[_Streams] = []
     x = teacher._embed(images)
-    for block in teacher.blocks:
-        normed = block.norm1(x)
-        attn_out, (q, k, v) = block.attn(normed)
-        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-        mid = x + block.ls1(attn_out)
+    for block in teacher.blocks[:blocks]:
+        b, t, d = x.shape
+        qkv = block.attn.qkv(block.norm1(x)).reshape(b, t, 3, block.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        mid = x + block.ls1(block.attn.proj(attended))
         pre_act = block.mlp.fc1(block.norm2(mid))
         after = mid + block.ls2(block.mlp.fc2(block.mlp.act(pre_act)))
-        pick = lambda t: t.index_select(1, tokens)
-        out.append(
-            _Streams(pick(x), pick(mid), pick(after), pick(v.transpose(1, 2).flatten(2)), pick(attended), pick(pre_act))
-        )
+        value = v.transpose(1, 2).reshape(b, t, d)
+        out.append(_Streams(*(s.index_select(1, tokens) for s in (x, mid, after, value, attended, pre_act))))
         x = after
     return out
 
@@ -213,6 +216,8 @@ class _Solver:
 
     # -- pass 2 (attention only): self and mean weights per value channel
     def add_mixing(self, s: _Streams) -> None:
+        if self.spec.fit != "attention":
+            return
         h = self.normed(s)
         xz = h @ self.mixer.in_proj.weight.T.float()
         u = F.silu(xz[..., : self.m] + self.mixer.conv1d.bias[: self.m]).double()
@@ -225,6 +230,8 @@ class _Solver:
         self.coef_rhs = xy if self.coef_rhs is None else self.coef_rhs + xy
 
     def solve_mixing(self) -> None:
+        if self.spec.fit != "attention":
+            return
         assert self.coef is not None and self.coef_rhs is not None
         ridge = RIDGE * self.coef.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-12)
         eye = torch.eye(3, dtype=torch.float64, device=self.coef.device)
@@ -252,13 +259,15 @@ class _Solver:
             mixed = self.mixed(self.normed(s))[..., : self.m + 1]
         self.out.add(mixed, self._update(s))
 
-    def solve_output(self) -> dict[str, torch.Tensor]:
+    def solve_output(self) -> None:
         w_out = torch.zeros(self.mixer.out_proj.weight.shape, dtype=torch.float64, device=self.out.xx.device)
         w_out[:, : self.m + 1] = self.out.solve().T
         with torch.no_grad():
             self.mixer.out_proj.weight.copy_(w_out)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
         prefix = f"layers.{self.spec.layer}."
-        return {prefix + name: t.detach().cpu().clone() for name, t in self.block.state_dict().items()}
+        return {prefix + name: t.detach().float().cpu().clone() for name, t in self.block.state_dict().items()}
 
 
 def fit_layers(
@@ -268,12 +277,11 @@ def fit_layers(
     target_cfg: object,
     *,
     device: str | torch.device = "cpu",
-    on_pass: Callable[[str], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every tensor of every fitted layer (`layers.{j}.*`, float32), solved on `batches` of teacher-ready images.
 
-    Three passes over the images (inputs, then the attention layers' mixing weights, then out_proj), each a
-    teacher forward; statistics only are kept between batches.
+    Up to three passes over the images (inputs; the attention layers' mixing weights, when there are any; out_proj),
+    each a teacher forward up to the last fitted block; statistics only are kept between batches.
     """
     patch = teacher.cfg.patch_size
     height, width = batches[0].shape[-2:]
@@ -281,31 +289,21 @@ def fit_layers(
     kept = ([layout.cls_index] if layout.cls_index is not None else []) + list(layout.patch_indices)
     device = torch.device(device)
     tokens = torch.tensor(kept, dtype=torch.long, device=device)  # the teacher's tokens the student has
-    seq_len = target_cfg.seq_len  # type: ignore[attr-defined]
     if not target_cfg.divide_out:  # type: ignore[attr-defined]
         raise ConfigError("fitted layers assume a ViM that averages its two scan directions (divide_out: true)")
-    solvers = [_Solver(f, target_cfg, target_cfg.norm_eps, seq_len, device) for f in fits]  # type: ignore[attr-defined]
+    eps, seq_len = target_cfg.norm_eps, target_cfg.seq_len  # type: ignore[attr-defined]
+    solvers = [_Solver(f, target_cfg, eps, seq_len, device) for f in fits]
     teacher = teacher.float().eval().to(device)
-    passes = (
-        ("inputs", lambda s, st: s.add_inputs(st), lambda s: s.solve_inputs()),
-        (
-            "mixing",
-            lambda s, st: s.add_mixing(st) if s.spec.fit == "attention" else None,
-            lambda s: s.solve_mixing() if s.spec.fit == "attention" else None,
-        ),
-        ("output", lambda s, st: s.add_output(st), lambda _s: None),
-    )
-    for name, add, solve in passes:
-        if on_pass is not None:
-            on_pass(name)
+    blocks = 1 + max(f.block for f in fits)
+    stages = ["inputs", "mixing", "output"]
+    if not any(f.fit == "attention" for f in fits):
+        stages.remove("mixing")
+    for stage in stages:
         with torch.no_grad():
             for images in batches:
-                streams = _teacher_streams(teacher, images.to(device).float(), tokens)
+                streams = _teacher_streams(teacher, images.to(device).float(), tokens, blocks)
                 for solver in solvers:
-                    add(solver, streams[solver.spec.block])
+                    getattr(solver, f"add_{stage}")(streams[solver.spec.block])
         for solver in solvers:
-            solve(solver)
-    tensors: dict[str, torch.Tensor] = {}
-    for solver in solvers:
-        tensors.update({k: v.float() for k, v in solver.solve_output().items()})
-    return tensors
+            getattr(solver, f"solve_{stage}")()
+    return {name: tensor for solver in solvers for name, tensor in solver.tensors().items()}

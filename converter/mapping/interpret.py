@@ -299,25 +299,24 @@ def evaluate(node: Node, ctx: EvalContext, region: Region) -> torch.Tensor:
     """The tensor an expression produces for `region` (float32; on meta when `ctx.meta`)."""
     if isinstance(node, SourceNode):
         return apply_chain(node, ctx.load(node.name), ctx.ops)
-    if isinstance(node, FitNode):
-        whole = region.full_shape or region.shape
-        tensor = torch.empty(whole, device="meta") if ctx.meta else ctx.fitted(region.target).float()
-        for dim, start, length in region.narrowing:
-            tensor = tensor.narrow(dim, start, length)
-        return tensor
-    if isinstance(node, InitNode):
-        whole = region.full_shape or region.shape
-        if node.init == "default":
-            tensor = torch.empty(whole, device="meta") if ctx.meta else ctx.default(region.target).float()
-        else:
-            try:
-                tensor = initial_tensor(node.init, whole, meta=ctx.meta)
-            except ValueError as exc:
-                raise RuleError(f"{node.path}.init", str(exc)) from None
+    if isinstance(node, (InitNode, FitNode)):  # whole target tensors, cut to the region
+        tensor = _whole_tensor(node, ctx, region.full_shape or region.shape, region.target)
         for dim, start, length in region.narrowing:
             tensor = tensor.narrow(dim, start, length)
         return tensor
     return _evaluate_concat(node, ctx, region)
+
+
+def _whole_tensor(node: InitNode | FitNode, ctx: EvalContext, whole: tuple[int, ...], target: str) -> torch.Tensor:
+    """The whole target tensor a fit or an initialiser gives (a meta tensor of its shape when planning)."""
+    if isinstance(node, FitNode) or node.init == "default":
+        if ctx.meta:
+            return torch.empty(whole, device="meta")
+        return (ctx.fitted if isinstance(node, FitNode) else ctx.default)(target).float()
+    try:
+        return initial_tensor(node.init, whole, meta=ctx.meta)
+    except ValueError as exc:
+        raise RuleError(f"{node.path}.init", str(exc)) from None
 
 
 def _evaluate_concat(node: ConcatNode, ctx: EvalContext, region: Region) -> torch.Tensor:
