@@ -359,9 +359,16 @@ class Block(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        self.cfg = cfg
         self.norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, device=device, dtype=dtype)
         self.mixer = BiMambaMixer(cfg, device=device, dtype=dtype)
         self.drop_path = DropPath(drop_path)
+
+    @torch.no_grad()
+    def reset_parameters(self, gen: torch.Generator | None) -> None:
+        """Upstream init of one layer (the model's `reset_parameters` draws its layers in order from one generator)."""
+        self.norm.weight.fill_(1.0)
+        _init_mixer(self.mixer, self.cfg, gen)
 
     def forward(
         self, residual: torch.Tensor, *, return_directions: bool = False
@@ -439,8 +446,7 @@ class VisionMamba(nn.Module):
         if self.cls_token is not None:
             init_on_cpu_(self.cls_token, nn.init.trunc_normal_, gen, std=0.02)
         for layer in self.layers:
-            layer.norm.weight.fill_(1.0)
-            _init_mixer(layer.mixer, cfg, gen)
+            layer.reset_parameters(gen)
         self.norm_f.weight.fill_(1.0)
 
     def token_layout(self) -> TokenLayout:

@@ -211,7 +211,7 @@ def fit_planned_layers(prepared: Prepared, selection: Selection) -> dict[str, to
     calib_cfg = dataclasses.replace(ckpt.config, img_size=target.img_size)
     batches = list(calibration_batches(prepared.calib, calib_cfg, seed=prepared.request.seed))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return fit_layers(ckpt.model(), list(fits.values()), batches, target, device=device)
+    return fit_layers(ckpt.model(), list(fits.values()), batches, target, seed=prepared.request.seed, device=device)
 
 
 def iter_target_tensors(

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tmconvert.converter.errors import ConfigError
 from tmconvert.converter.mapping.fits import FITS
 from tmconvert.models import VisionTransformer
+from tmconvert.models.init import seeded_generator
 from tmconvert.models.vim import Block as VimBlock
 
 # Scales chosen so every fitted weight has the size of ViM's own init (~1/sqrt(D)): AdamW moves each weight by about
@@ -48,6 +49,10 @@ A_LOG = math.log(1e-4)  # A = -1e-4: no decay over an image's tokens
 DT_FLOOR = 1e-4  # dt of channels whose scan must not accumulate
 GELU_SILU = 1.702  # GELU(x) ~ x * sigmoid(1.702 x) = silu(1.702 x) / 1.702
 RIDGE = 1e-4  # relative ridge: lambda = RIDGE * mean diagonal of the Gram matrix
+# The structure leaves many weights at zero in pairs whose gradients are then zero too (a channel with no input and no
+# gate, B and C rows both zero, dt_proj against its x_proj rows): training could never use them. Those weights get
+# this fraction of their ViM init instead, which changes the fitted function only at second or third order.
+RESIDUE = 0.1
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,7 @@ class _Solver:
 
     def __init__(self, spec: LayerFit, cfg: object, norm_eps: float, seq_len: int, device: torch.device):
         self.spec, self.cfg, self.eps, self.seq_len = spec, cfg, norm_eps, seq_len
-        self.block = VimBlock(dataclasses.replace(cfg, depth=1), 0.0, device=device)  # type: ignore[type-var]
+        self.block = VimBlock(cfg, 0.0, device=device)  # type: ignore[arg-type]
         self.spec = dataclasses.replace(spec, residual=spec.residual.to(device), kept=spec.kept.to(device))
         self.mixer = self.block.mixer
         self.e, self.n, self.r = self.mixer.d_inner, self.mixer.d_state, self.mixer.dt_rank
@@ -265,6 +270,33 @@ class _Solver:
         with torch.no_grad():
             self.mixer.out_proj.weight.copy_(w_out)
 
+    # -- after the solve: room to learn
+    def add_residue(self, gen: torch.Generator, scale: float = RESIDUE) -> None:
+        """Give the weights the structure leaves dead (`RESIDUE`) `scale` x their ViM init, and the SSM states and
+        channels the fit does not use ViM's A and dt. Kept exact: the value channels' conv taps (they train as they
+        are) and the B_0 / C_0 rows of the global sum."""
+        init = VimBlock(self.cfg, 0.0)  # type: ignore[arg-type]
+        init.reset_parameters(gen)
+        reference = init.state_dict()
+        attention = self.spec.fit == "attention"
+        used = self.m + 1 if attention else 0  # channels whose dt and state 0 the fit set
+        with torch.no_grad():
+            for name, tensor in self.block.state_dict().items():
+                ref = reference[name].to(tensor)
+                leaf = name.rsplit(".", 1)[-1]
+                if leaf.startswith("A") and leaf.endswith("_log"):
+                    tensor[:, 1:] = ref[:, 1:]
+                    tensor[used:, 0] = ref[used:, 0]
+                elif "dt_proj" in name and leaf == "bias":
+                    tensor[used:] = ref[used:]
+                elif leaf == "weight" and not name.startswith("norm"):
+                    dead = tensor == 0
+                    if attention and "conv1d" in name:
+                        dead[: self.m] = False
+                    if attention and "x_proj" in name:
+                        dead[[self.r, self.r + self.n]] = False
+                    tensor[dead] = scale * ref[dead]
+
     def tensors(self) -> dict[str, torch.Tensor]:
         prefix = f"layers.{self.spec.layer}."
         return {prefix + name: t.detach().float().cpu().clone() for name, t in self.block.state_dict().items()}
@@ -276,12 +308,15 @@ def fit_layers(
     batches: Sequence[torch.Tensor],
     target_cfg: object,
     *,
+    seed: int = 0,
+    residue: float = RESIDUE,
     device: str | torch.device = "cpu",
 ) -> dict[str, torch.Tensor]:
     """Every tensor of every fitted layer (`layers.{j}.*`, float32), solved on `batches` of teacher-ready images.
 
     Up to three passes over the images (inputs; the attention layers' mixing weights, when there are any; out_proj),
-    each a teacher forward up to the last fitted block; statistics only are kept between batches.
+    each a teacher forward up to the last fitted block; statistics only are kept between batches. Then the weights
+    the structure leaves dead get `residue` x their ViM init (`_Solver.add_residue`, drawn from `seed`).
     """
     patch = teacher.cfg.patch_size
     height, width = batches[0].shape[-2:]
@@ -306,4 +341,6 @@ def fit_layers(
                     getattr(solver, f"add_{stage}")(streams[solver.spec.block])
         for solver in solvers:
             getattr(solver, f"solve_{stage}")()
+    for solver in solvers:
+        solver.add_residue(seeded_generator(seed * 1_000_003 + solver.spec.layer), residue)
     return {name: tensor for solver in solvers for name, tensor in solver.tensors().items()}
