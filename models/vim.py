@@ -433,7 +433,6 @@ class VisionMamba(nn.Module):
 
         Draws happen on the CPU from one generator and are copied in, so a seed gives the same model on any device.
         """
-        cfg = self.cfg
         gen = seeded_generator(seed)
         conv = self.patch_embed.proj
         lecun_std = math.sqrt(1.0 / conv.weight[0].numel()) / 0.87962566103423978  # timm 0.4.12 lecun_normal_
