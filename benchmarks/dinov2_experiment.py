@@ -29,6 +29,7 @@ Arms (all ViM-S unless named; full distillation = the default recipe's CE + KD +
                             two on the hold-out is "tuned scratch"
   mlp                       converted with vit-vim-mlp (today's default), full distillation
   interleaved               converted with vit-vim-interleaved, full distillation
+  interleaved-nofeat        the same without the feature loss (loss.feature=0): CE + KD only (ablation)
   interleaved-align         the same after `align.steps=K` alignment steps, which count toward the budget: K + (budget
                             - K) distillation steps (K: `--align-steps`, default round(0.2 x budget))
   vim-t-interleaved-align   a ViM-T student (narrower than the teacher), as interleaved-align
@@ -117,12 +118,14 @@ import distill_experiment as common
 import finetune_dinov2
 
 from tmconvert.converter.checkpoint import open_checkpoint
+from tmconvert.converter.convert import fit as fit_module
 from tmconvert.converter.convert.engine import ConvertRequest, convert
 from tmconvert.converter.distill.processes import init_distributed
 from tmconvert.converter.distill.recipe import Recipe, load_recipe
 from tmconvert.converter.distill.runfiles import RunPaths
 from tmconvert.converter.errors import TmconvertError
-from tmconvert.converter.mapping.files import find_mapping
+from tmconvert.converter.mapping.files import find_mapping, load_mapping
+from tmconvert.converter.mapping.schema import FitExpr
 from tmconvert.converter.verify.numeric import verify_converted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +147,9 @@ ARMS: dict[str, Arm] = {
     "scratch-task": Arm("vim-s", None, tuple(common.TASK_ONLY), about="from scratch, task loss only"),
     "mlp": Arm("vim-s", "vit-vim-mlp", about="vit-vim-mlp + distillation"),
     "interleaved": Arm("vim-s", "vit-vim-interleaved", about="vit-vim-interleaved + distillation"),
+    "interleaved-nofeat": Arm(
+        "vim-s", "vit-vim-interleaved", ("loss.feature=0",), about="vit-vim-interleaved + CE and KD only (ablation)"
+    ),
     "interleaved-align": Arm(
         "vim-s", "vit-vim-interleaved", align=True, about="vit-vim-interleaved + alignment + distillation"
     ),
@@ -180,6 +186,13 @@ def _holdout(args: argparse.Namespace) -> tuple[int, int]:
     return int(start), int(stop)
 
 
+def _current(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows whose converted student this checkout would make again (`_conversion_sha`); rows of an earlier
+    mapping file or fit stay in the results file as history."""
+    shas = {m: _conversion_sha(m) for m in {r["mapping"] for r in rows if r.get("mapping")}}
+    return [r for r in rows if not r.get("mapping") or r.get("conversion_sha256") == shas[r["mapping"]]]
+
+
 def _layers_for(args: argparse.Namespace, mapping: str) -> int | None:
     """`--layers 12` or `12,vit-vim-interleaved=24` (a default and per-mapping values; `none`: the library's)."""
     default: int | None = None
@@ -197,12 +210,25 @@ def _mapping_sha(mapping: str) -> str:
     return hashlib.sha256(find_mapping(mapping).read_bytes()).hexdigest()
 
 
+def _conversion_sha(mapping: str) -> str:
+    """What a conversion's result depends on besides the teacher and options: the mapping file's bytes, and for a
+    mapping with `fit:` rules the fit's code too (its constants change fitted layers, not the file)."""
+    loaded = load_mapping(find_mapping(mapping))
+    fitted = any(
+        isinstance(rule.expr, FitExpr) for rules in loaded.mapping.rule_sections().values() for rule in rules.values()
+    )
+    digest = hashlib.sha256(loaded.path.read_bytes())
+    if fitted:
+        digest.update(Path(fit_module.__file__).read_bytes())
+    return digest.hexdigest()
+
+
 def _converted(args: argparse.Namespace, target: str, mapping: str, seed: int, teacher_sha: str) -> Path:
     """The conversion of the teacher (cached in WORK/converted under a name that changes with the teacher, the
     mapping file's bytes, the layers and the calibration images)."""
     layers = _layers_for(args, mapping)
     calib = _data(args, 0, args.calib_images, "--calib-images")
-    key = json.dumps([teacher_sha, _mapping_sha(mapping), layers, args.calib_images, target, seed])
+    key = json.dumps([teacher_sha, _conversion_sha(mapping), layers, args.calib_images, target, seed])
     tag = hashlib.sha256(key.encode()).hexdigest()[:10]
     path = args.work / "converted" / f"{target}-{mapping}-s{seed}-{tag}.safetensors"
     if not path.exists():
@@ -348,7 +374,7 @@ def stage_finetune(ctx: Context) -> None:
 
 def stage_convert(ctx: Context) -> None:
     args = ctx.args
-    done = {(r["mapping_sha256"], r["target"], r["seed"], r["images"]) for r in ctx.rows("stage1")}
+    done = {(r.get("conversion_sha256"), r["target"], r["seed"], r["images"]) for r in ctx.rows("stage1")}
     start, _ = _holdout(args)
     calib = _data(args, start, start + args.cosine_images, "--cosine-images")
     for mapping in args.mappings.split(","):
@@ -359,7 +385,7 @@ def stage_convert(ctx: Context) -> None:
     for mapping in args.mappings.split(","):
         for target in args.targets.split(","):
             for seed in (int(s) for s in args.cosine_seeds.split(",")):
-                if (_mapping_sha(mapping), target, seed, args.cosine_images) in done:
+                if (_conversion_sha(mapping), target, seed, args.cosine_images) in done:
                     continue
                 if ctx.out_of_time(f"converting {mapping} -> {target}"):
                     return
@@ -386,6 +412,7 @@ def stage_convert(ctx: Context) -> None:
                         "teacher_sha256": ctx.teacher_sha,
                         "mapping": mapping,
                         "mapping_sha256": _mapping_sha(mapping),
+                        "conversion_sha256": _conversion_sha(mapping),
                         "target": target,
                         "seed": seed,
                         "layers_option": _layers_for(args, mapping),
@@ -450,6 +477,7 @@ def _run_arm(
         "arm": arm,
         "target": spec.target,
         "mapping": spec.mapping,
+        "conversion_sha256": _conversion_sha(spec.mapping) if spec.mapping else None,
         "seed": seed,
         "steps": budget,  # the budget: alignment + distillation steps (what the tables group by)
         "budget": budget,
@@ -519,7 +547,7 @@ def stage_distill(ctx: Context) -> None:
             "top1"
         ]
         ctx.append(row)
-    distilled = ctx.rows("distill")
+    distilled = _current(ctx.rows("distill"))
     done = {(r["arm"], r["seed"], r["steps"], r.get("lr")) for r in distilled}
     if args.lrs == "best":
         best = _best_rates(distilled, arms, budgets)
@@ -607,8 +635,8 @@ def _block_label(layer: dict[str, Any] | None) -> str:
 
 
 def _latest_stage1(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The last row per (mapping, target, seed): a mapping file that changed is measured again."""
-    latest = {(r["mapping"], r["target"], r["seed"]): r for r in rows}
+    """The last row per (mapping, target, seed) of this checkout's conversion (`_current`)."""
+    latest = {(r["mapping"], r["target"], r["seed"]): r for r in _current(rows)}
     return list(latest.values())
 
 
@@ -721,6 +749,7 @@ def summary(results: Path, teacher_sha: str | None = None) -> str:
     rows = [r for r in rows if r.get("teacher_sha256") == teacher_sha]
     kinds = {k: [r for r in rows if r.get("kind") == k] for k in ("finetune", "teacher", "stage1", "distill")}
     kinds["stage1"] = _latest_stage1(kinds["stage1"])
+    kinds["distill"] = _current(kinds["distill"])
     lines = ["# Real-teacher transfer: DINOv2-S/14 -> ViM on Fashion-MNIST (112 px)", ""]
     lines.append(f"Teacher sha256 {teacher_sha}.")
     for r in kinds["finetune"]:
