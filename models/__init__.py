@@ -3,8 +3,9 @@
 Importing the package registers every family (each model module registers itself where it is defined).
 """
 
-from tmconvert.models import vim, vit  # noqa: F401  (registration)
+from tmconvert.models import plainmamba, videomamba, vim, vit  # noqa: F401  (registration)
 from tmconvert.models.errors import ModelConfigError
+from tmconvert.models.plainmamba import PlainMamba, PlainMambaConfig
 from tmconvert.models.registry import (
     build_model,
     config_type,
@@ -17,15 +18,20 @@ from tmconvert.models.registry import (
     state_dict_shapes,
 )
 from tmconvert.models.tokens import TokenLayout, resample_abs_pos_embed
+from tmconvert.models.videomamba import VideoMamba, VideoMambaConfig, inflate_image_kernel
 from tmconvert.models.vim import MambaOutput, VimConfig, VisionMamba
 from tmconvert.models.vit import VisionTransformer, ViTConfig, ViTOutput
 
 __all__ = [
     "MambaOutput",
     "ModelConfigError",
+    "PlainMamba",
+    "PlainMambaConfig",
     "TokenLayout",
     "ViTConfig",
     "ViTOutput",
+    "VideoMamba",
+    "VideoMambaConfig",
     "VimConfig",
     "VisionMamba",
     "VisionTransformer",
@@ -34,6 +40,7 @@ __all__ = [
     "families",
     "family_of",
     "get_config",
+    "inflate_image_kernel",
     "list_models",
     "register",
     "register_family",

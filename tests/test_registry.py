@@ -14,6 +14,7 @@ from tmconvert.models import (
     VisionTransformer,
     ViTConfig,
     build_model,
+    families,
     family_of,
     get_config,
     list_models,
@@ -27,7 +28,11 @@ def test_builtin_names_and_families() -> None:
     vim = list_models("vim")
     assert {"deit-t", "deit-s", "deit-b", "deit-t-distilled", "deit-s-distilled", "deit-b-distilled"} <= set(vit)
     assert {"vim-t", "vim-s", "vim-b", "vim-t-stride8", "vim-s-stride8"} <= set(vim)
-    assert list_models() == sorted(vit + vim)
+    plain, video = list_models("plainmamba"), list_models("videomamba")
+    assert plain == ["plainmamba-l1", "plainmamba-l2", "plainmamba-l3"]
+    assert video == ["videomamba-m", "videomamba-s", "videomamba-ti"]
+    assert families() == ["plainmamba", "videomamba", "vim", "vit"]
+    assert list_models() == sorted(vit + vim + plain + video)
     assert all(isinstance(get_config(n), ViTConfig) for n in vit)
     assert all(isinstance(get_config(n), VimConfig) for n in vim)
     assert family_of(get_config("vim-b")) == "vim"
