@@ -44,11 +44,13 @@ class Shape:
     dstate: int
     groups: int | None  # None: B/C (batch, N, L), as ViM calls it; G: (batch, G, N, L), as VMamba's 4 directions
     dtype: torch.dtype
+    gated: bool = True  # z passed to the scan (ViM, VideoMamba); PlainMamba gates the sum of its scans outside
 
     def label(self) -> str:
         grouped = f", G={self.groups}" if self.groups else ""
+        gate = "" if self.gated else ", z=None"
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"{self.name}: {self.batch}x{self.dim}x{self.seqlen}, N={self.dstate}{grouped}, {dtype}"
+        return f"{self.name}: {self.batch}x{self.dim}x{self.seqlen}, N={self.dstate}{grouped}{gate}, {dtype}"
 
 
 SHAPES = [
@@ -56,9 +58,16 @@ SHAPES = [
     Shape("ViM-S", 128, 768, 197, 16, None, torch.float32),
     Shape("ViM-B", 64, 1536, 197, 16, None, torch.bfloat16),
     Shape("VideoMamba-S 8f", 8, 768, 8 * 196 + 1, 16, None, torch.bfloat16),
+    Shape("VideoMamba-S 16f", 4, 768, 16 * 196 + 1, 16, None, torch.bfloat16),
+    # PlainMamba-L1 at 224 px, batch 64: its four zig-zag scans run as one call over 4 x 64 sequences
+    Shape("PlainMamba-L1", 4 * 64, 384, 196, 16, None, torch.bfloat16, gated=False),
     Shape("VMamba stage 1", 32, 384, 3136, 1, 4, torch.bfloat16),
 ]
-SMOKE_SHAPES = [Shape("smoke", 2, 8, 37, 4, None, torch.float32), Shape("smoke", 2, 8, 29, 1, 2, torch.bfloat16)]
+SMOKE_SHAPES = [
+    Shape("smoke", 2, 8, 37, 4, None, torch.float32),
+    Shape("smoke", 2, 8, 29, 1, 2, torch.bfloat16),
+    Shape("smoke", 2, 8, 23, 4, None, torch.float32, gated=False),
+]
 
 
 def make_inputs(shape: Shape, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -70,7 +79,7 @@ def make_inputs(shape: Shape, device: str, seed: int = 0) -> dict[str, torch.Ten
     def randn(*size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.randn(*size, generator=gen, device=device).to(dtype)
 
-    return {
+    inputs = {
         "u": randn(b, d, length, dtype=shape.dtype),
         "delta": randn(b, d, length, dtype=shape.dtype),
         "A": -torch.arange(1, n + 1, device=device, dtype=torch.float32).repeat(d, 1),
@@ -80,16 +89,20 @@ def make_inputs(shape: Shape, device: str, seed: int = 0) -> dict[str, torch.Ten
         "z": randn(b, d, length, dtype=shape.dtype),
         "delta_bias": randn(d) * 0.5 - 4.0,
     }
+    if not shape.gated:
+        del inputs["z"]
+    return inputs
 
 
 def floor_bytes(shape: Shape, backward: bool) -> int:
     """Bytes a pass must move at least. Forward reads u, delta, z, B, C and writes out; the backward reads those
-    inputs and dout again and writes du, ddelta, dz, dB, dC (small parameters ignored)."""
+    inputs and dout again and writes du, ddelta, dz, dB, dC (small parameters ignored; no z, no dz when ungated)."""
     element = torch.finfo(shape.dtype).bits // 8
     activation = shape.batch * shape.dim * shape.seqlen * element
     bc = shape.batch * (shape.groups or 1) * shape.dstate * shape.seqlen * element
-    forward = 4 * activation + 2 * bc
-    return forward + (7 * activation + 4 * bc if backward else 0)
+    gate = 1 if shape.gated else 0
+    forward = (3 + gate) * activation + 2 * bc
+    return forward + ((5 + 2 * gate) * activation + 4 * bc if backward else 0)
 
 
 def load_mamba_ssm() -> tuple[ScanFn | None, str]:
