@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +109,26 @@ class VimConfig:
         cls_index = self.cls_index
         patch_indices = tuple(p if cls_index is None or p < cls_index else p + 1 for p in range(self.num_patches))
         return TokenLayout(grid=self.grid, cls_index=cls_index, patch_indices=patch_indices)
+
+    def for_teacher(
+        self, *, img_size: tuple[int, int], patch_size: int, in_chans: int, num_classes: int, class_token: bool
+    ) -> VimConfig:
+        """This ViM reading a teacher's images and predicting its classes (the converter's target adaptation).
+
+        A stride (overlapping patches) keeps its ratio to the patch; a teacher without a class token gives a ViM
+        without one, pooling by mean as upstream can (`if_cls_token=False`, `final_pool_type='mean'`).
+        """
+        stride = None if self.stride is None else max(1, self.stride * patch_size // self.patch_size)
+        pooling = {} if class_token else {"cls_position": "none"}
+        return replace(
+            self,
+            img_size=img_size,
+            patch_size=patch_size,
+            stride=stride,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            **pooling,
+        )
 
     @classmethod
     def from_state_dict_shapes(

@@ -66,7 +66,7 @@ def _with_metadata(student: Path, out: Path, **changes: Any) -> Path:
     _, state, metadata = load_converted(student)
     assert all(t.dtype == torch.float32 for t in state.values())
     specs = [TensorSpec(name, tuple(t.shape), "float32") for name, t in state.items()]
-    paths = OutputPaths.for_weights(out, vim_pth=False)
+    paths = OutputPaths.for_weights(out)
     write_model_file(paths, specs, iter(state.items()), encode_metadata({**metadata, **changes}), overwrite=True)
     return out
 

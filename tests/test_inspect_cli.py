@@ -86,9 +86,11 @@ def test_json_has_the_same_facts_and_every_tensor(tmp_path: Path, capsys) -> Non
         "head_dim": 8,
     }
     assert facts["layout"] == "vit" and facts["mappings"] == [
-        {"name": "vit-vim-mlp", "default": True},
-        {"name": "vit-vim-attn", "default": False},
-        {"name": "vit-vim-interleaved", "default": False},
+        {"name": "vit-plainmamba-mlp", "target": "plainmamba", "default": True},
+        {"name": "vit-videomamba-mlp", "target": "videomamba", "default": True},
+        {"name": "vit-vim-mlp", "target": "vim", "default": True},
+        {"name": "vit-vim-attn", "target": "vim", "default": False},
+        {"name": "vit-vim-interleaved", "target": "vim", "default": False},
     ]
     assert facts["config_file"] == str(path / "config.json")
     assert facts["num_params"] == sum(t.numel() for t in state_dict.values())

@@ -145,7 +145,8 @@ def test_check_reports_schema_problems_at_once(tmp_path, capsys):
     for expected in (
         f"{path}:15: tensors.norm_f.weight: duplicate key",
         f"{path}:5: index_sets.residual.score: Input should be 'residual', 'mlp_hidden' or 'attn_value'",
-        f"{path}:12: tensors.pos_embed.init: Input should be 'default', 'zeros', 'ones' or 'conv_identity'",
+        f"{path}:12: tensors.pos_embed.init: Input should be 'default', 'zeros', 'ones', 'conv_identity', 'dirac' or "
+        "'space_to_depth'",
         f"{path}:13: tensors.head.weight.from: unknown placeholder {{blk}}",
         f"{path}:11: tensors.cls_token.ops[1]: unknown op 'rotate'",
     ):

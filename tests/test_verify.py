@@ -240,11 +240,11 @@ def test_malformed_verification_metadata_is_one_line(converted, tmp_path, capsys
     assert set(json.loads(capsys.readouterr().out)["not_compared"]) == {"layers", "final"}
 
 
-def test_a_vit_model_file_is_not_verified_as_a_vim(tmp_path, capsys) -> None:
+def test_a_vit_model_file_is_not_verified_as_a_student(tmp_path, capsys) -> None:
     cfg = dataclasses.replace(SMALL, num_heads=2)
     state = {k: v.contiguous() for k, v in VisionTransformer(cfg).state_dict().items()}
     metadata = {"format": "tmconvert", "family": "vit", "target_config": json.dumps(config_json(cfg))}
     save_file(state, str(tmp_path / "vit.safetensors"), metadata=metadata)
     assert main(["verify", str(tmp_path / "vit.safetensors"), "--calib", "2"]) == 1
-    expected = f"error: {tmp_path / 'vit.safetensors'}: a vit model; verify checks ViM model files"
+    expected = f"error: {tmp_path / 'vit.safetensors'}: a vit model; verify checks converted (Mamba) model files"
     assert capsys.readouterr().err.splitlines()[-1] == expected

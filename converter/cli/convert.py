@@ -1,4 +1,5 @@
-"""`tmconvert SOURCE --to TARGET`: convert a ViT checkpoint into a Mamba model (the default command).
+"""`tmconvert SOURCE --to TARGET`: convert a ViT checkpoint into a Mamba model of any target family (the default
+command).
 
 `--dry-run` prints the plan the conversion would execute (the same `Plan` object, not a second code path) and writes
 nothing; `--json` prints plans and reports as JSON on stdout. Progress goes to stderr.
@@ -21,11 +22,14 @@ from tmconvert.converter.cli._options import CALIB_HELP, check_seed
 from tmconvert.converter.cli._reports import report_table
 from tmconvert.converter.convert.engine import ConversionResult, ConvertRequest, Prepared, execute, prepare
 from tmconvert.converter.plan.plan import Plan, PlanEntry
+from tmconvert.models import family_of
 
 
 def convert(
     source: Annotated[Path, typer.Argument(help="ViT checkpoint (.safetensors, .pth, .bin, index, HF folder).")],
-    to: Annotated[str, typer.Option("--to", help="Target model name (see `tmconvert list`), e.g. vim-s.")],
+    to: Annotated[
+        str, typer.Option("--to", help="Target model name (see `tmconvert list`), e.g. vim-s, plainmamba-l1.")
+    ],
     layers: Annotated[
         int | None,
         typer.Option(
@@ -54,7 +58,12 @@ def convert(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the default init and of synthetic calibration.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")] = False,
     fmt: Annotated[
-        str, typer.Option("--format", help="safetensors, or vim (also {'model': state_dict} .pth for upstream Vim).")
+        str,
+        typer.Option(
+            "--format",
+            help="safetensors, or upstream (also a .pth the family's upstream code loads: {'model': ...} for Vim and "
+            "VideoMamba, mmcls's {'state_dict': ...} for PlainMamba); vim is the same as upstream.",
+        ),
     ] = "safetensors",
     identity_rest: Annotated[
         bool | None,
@@ -73,7 +82,8 @@ def convert(
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan / report as JSON.")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip verification of the written model.")] = False,
 ) -> None:
-    """Convert a ViT/DeiT checkpoint into a Vision Mamba by selective weight subcloning and first-n-layer init."""
+    """Convert a ViT/DeiT checkpoint into a Mamba model (ViM, PlainMamba, VideoMamba) by selective weight subcloning
+    and first-n-layer init."""
     check_seed(seed)
     request = ConvertRequest(
         source=source,
@@ -135,7 +145,7 @@ def _execute_with_progress(prepared: Prepared, *, quiet: bool) -> ConversionResu
 # The plan, printed
 
 
-_LAYER_IN_NAME = re.compile(r"^(layers|blocks)\.(\d+)\.")
+_LAYER_IN_NAME = re.compile(r"^((?:.*\.)?(?:layers|blocks))\.(\d+)\.")  # `layers.3.`, `backbone.layers.3.`
 
 
 def _generic(name: str) -> tuple[str, int | None]:
@@ -265,7 +275,7 @@ def _print_header(prepared: Prepared) -> None:
     )
     grid.add_row(
         "target",
-        f"{plan.target.name}: vim D={t.embed_dim} depth={t.depth} E={t.d_inner} "
+        f"{plan.target.name}: {family_of(t)} D={t.embed_dim} depth={t.depth} E={t.d_inner} "
         f"N={t.d_state} {t.img_size[0]}x{t.img_size[1]}px patch {t.patch_size} "
         f"classes {t.num_classes}",
     )

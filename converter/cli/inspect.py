@@ -82,12 +82,14 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
 
 
 def converting_mappings(ckpt: Checkpoint) -> list[dict[str, Any]]:
-    """The shipped mappings that accept this checkpoint, the default for every target (`default_for: "*"`) first."""
+    """The shipped mappings that accept this checkpoint, with their target family; each family's default (its
+    `default_for: "*"`) first."""
     found = []
     for path in shipped_mapping_paths():
         loaded = load_mapping(path)
         if accepts_source(loaded, ckpt.config):
-            found.append({"name": loaded.name, "default": "*" in loaded.mapping.default_for})
+            spec = loaded.mapping
+            found.append({"name": loaded.name, "target": spec.target, "default": "*" in spec.default_for})
     return sorted(found, key=lambda m: not m["default"])
 
 
@@ -104,7 +106,10 @@ def _print_summary(ckpt: Checkpoint) -> None:
     summary.add_row("naming", ckpt.naming)
     summary.add_row("family", f"{ckpt.family} ({_variant(cfg)})")
     mappings = converting_mappings(ckpt)
-    shown = ", ".join(m["name"] + (" (default)" if m["default"] else "") for m in mappings) or "none of the shipped"
+    shown = (
+        ", ".join(m["name"] + (f" (default for {m['target']})" if m["default"] else "") for m in mappings)
+        or "none of the shipped"
+    )
     summary.add_row("layout", f"{ckpt.layout}; converts with {shown}")
     summary.add_row("config", _config_line(cfg))
     summary.add_row("parameters", f"{ckpt.num_params:,} in {len(ckpt)} tensors")

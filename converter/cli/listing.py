@@ -1,4 +1,5 @@
-"""`tmconvert list`: conversion targets, known teacher configs, shipped mappings and the mapping op vocabulary.
+"""`tmconvert list`: conversion targets (every target family's registered sizes), known teacher configs, shipped
+mappings, and the mapping language's ops and initialisers.
 
 (The module is not called `list.py`: a submodule named `list` would shadow the builtin inside this package.)
 """
@@ -13,9 +14,10 @@ import typer
 from rich.table import Table
 
 from tmconvert.converter.cli._console import console
+from tmconvert.converter.configs import target_families
 from tmconvert.converter.errors import TmconvertError
 from tmconvert.converter.mapping.files import load_mapping, shipped_mapping_paths
-from tmconvert.converter.mapping.ops import OPS
+from tmconvert.converter.mapping.ops import INITS, OPS
 from tmconvert.models import build_model, get_config, list_models
 
 
@@ -27,22 +29,24 @@ def _params(name: str) -> int:
 def catalogue() -> dict[str, Any]:
     """Everything `list` shows, as JSON-able data."""
     targets = []
-    for name in list_models("vim"):
-        c = get_config(name)
-        targets.append(
-            {
-                "name": name,
-                "embed_dim": c.embed_dim,
-                "depth": c.depth,
-                "d_inner": c.d_inner,
-                "d_state": c.d_state,
-                "patch_size": c.patch_size,
-                "stride": c.resolved_stride,
-                "img_size": list(c.img_size),
-                "num_classes": c.num_classes,
-                "params": _params(name),
-            }
-        )
+    for family in target_families():
+        for name in list_models(family):
+            c = get_config(name)
+            targets.append(
+                {
+                    "name": name,
+                    "family": family,
+                    "embed_dim": c.embed_dim,
+                    "depth": c.depth,
+                    "d_inner": c.d_inner,
+                    "d_state": c.d_state,
+                    "patch_size": c.patch_size,
+                    "stride": getattr(c, "resolved_stride", c.patch_size),  # ViM's overlapping patches
+                    "img_size": list(c.img_size),
+                    "num_classes": c.num_classes,
+                    "params": _params(name),
+                }
+            )
     sources = []
     for name in list_models("vit"):
         c = get_config(name)
@@ -79,21 +83,23 @@ def catalogue() -> dict[str, Any]:
             }
         )
     ops = [{"name": spec.name, "summary": spec.summary} for spec in OPS.values()]
-    return {"targets": targets, "sources": sources, "mappings": mappings, "ops": ops}
+    inits = [{"name": spec.name, "summary": spec.summary} for spec in INITS.values()]
+    return {"targets": targets, "sources": sources, "mappings": mappings, "ops": ops, "inits": inits}
 
 
 def list_(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
-    """List conversion targets, teacher configs, shipped mappings and mapping ops."""
+    """List conversion targets, teacher configs, shipped mappings, mapping ops and initialisers."""
     data = catalogue()
     if as_json:
         console.out(json.dumps(data, indent=2), highlight=False)
         return
     targets = Table(title="targets (--to)", title_justify="left")
-    for column in ("name", "D", "depth", "E", "N", "patch/stride", "image", "classes", "params"):
+    for column in ("name", "family", "D", "depth", "E", "N", "patch/stride", "image", "classes", "params"):
         targets.add_column(column)
     for t in data["targets"]:
         targets.add_row(
             t["name"],
+            t["family"],
             str(t["embed_dim"]),
             str(t["depth"]),
             str(t["d_inner"]),
@@ -139,3 +145,9 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON o
     for op in data["ops"]:
         ops.add_row(op["name"], op["summary"])
     console.print(ops)
+    inits = Table(title="initialisers (`init:`, see docs/mappings.md)", title_justify="left")
+    inits.add_column("init")
+    inits.add_column("makes")
+    for init in data["inits"]:
+        inits.add_row(init["name"], init["summary"])
+    console.print(inits)

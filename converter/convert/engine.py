@@ -7,9 +7,9 @@ exists).
 
 Memory: the source is never loaded as a whole. Each target tensor reads only the source tensors its expression
 names (cached for that one tensor, e.g. fc1 read once for both in_proj halves) and is written and dropped before the
-next. The default-initialised target is built once with its upstream init (a seeded `VisionMamba`), which costs the
-target's fp32 size; a ViM is small next to the ViT it shrinks from, and building it whole is what makes the
-initialisation bit-identical to upstream's (its init draws are sequential). Activation scoring loads the teacher
+next. The default-initialised target is built once with its upstream init (a seeded model of its family), which
+costs the target's fp32 size; a student is small next to the ViT it shrinks from, and building it whole is what makes
+the initialisation bit-identical to upstream's (its init draws are sequential). Activation scoring loads the teacher
 once, before conversion starts, and frees it.
 """
 
@@ -27,7 +27,7 @@ import torch
 from tmconvert.converter import dtypes
 from tmconvert.converter.checkpoint import Checkpoint, open_checkpoint
 from tmconvert.converter.checkpoint.formats import HF_WEIGHT_FILES
-from tmconvert.converter.configs import config_json, derive_target_config
+from tmconvert.converter.configs import config_json, derive_target_config, target_base
 from tmconvert.converter.convert.fit import LayerFit, fit_layers
 from tmconvert.converter.convert.subclone import SCORE_METHODS, Selection, activation_scores, choose
 from tmconvert.converter.data.calibration import calibration_batches, parse_calib
@@ -40,15 +40,19 @@ from tmconvert.converter.modelfile.converted import (
     encode_metadata,
     header_fields,
     load_converted,
+    upstream_container,
     write_model_file,
 )
 from tmconvert.converter.modelfile.files import check_writable, sha256_files
 from tmconvert.converter.modelfile.safetensors import TensorSpec
 from tmconvert.converter.plan.plan import Plan, PlanEntry, SourceSide, TargetSide, build_plan
 from tmconvert.converter.verify.numeric import VerificationError, VerifyReport, verify_converted
-from tmconvert.models import build_model
+from tmconvert.models import build_model, family_of
 
-FORMATS = ("safetensors", "vim")
+# `upstream` adds the `.pth` the target family's upstream code loads (`modelfile.UPSTREAM_CONTAINERS`); `vim`, its
+# name from when ViM was the only target, is the same format.
+FORMATS = ("safetensors", "upstream", "vim")
+UPSTREAM_FORMATS = ("upstream", "vim")
 VERIFY_IMAGES = 8  # synthetic images the post-conversion check runs when no calibration folder was given
 
 
@@ -124,7 +128,9 @@ def prepare(request: ConvertRequest, *, check_outputs: bool = True) -> Prepared:
         raise ConfigError("--score activation needs calibration images: --calib DIR or --calib N (synthetic)")
 
     out = request.out or default_output_path(request.source, request.target)
-    paths = OutputPaths.for_weights(out, vim_pth=request.format == "vim")
+    family = family_of(target_base(request.target))  # a name that is no conversion target fails here, first
+    container = upstream_container(family) if request.format in UPSTREAM_FORMATS else None
+    paths = OutputPaths.for_weights(out, pth_container=container)
     mapping_path = find_mapping(request.mapping) if request.mapping else default_mapping_for(request.target)
     mapping = load_mapping(mapping_path)
     checkpoint = open_checkpoint(request.source, ema=request.ema, num_heads=request.num_heads)
@@ -325,6 +331,7 @@ def execute(
         metadata,
         overwrite=request.force,
         pth_order=[e.name for e in plan.entries],
+        pth_dtypes=_integer_tensors(plan.target.config) if prepared.paths.pth is not None else None,
         on_tensor=on_tensor,
     )
     stage("done")
@@ -347,13 +354,21 @@ def execute(
     return result
 
 
+def _integer_tensors(config: Any) -> dict[str, torch.dtype]:
+    """The model's tensors that are not floats (BatchNorm's `num_batches_tracked`): the upstream `.pth` restores
+    their dtype, where the model file stores every tensor as a float."""
+    state = build_model(config, device="meta").state_dict()
+    return {name: tensor.dtype for name, tensor in state.items() if not tensor.is_floating_point()}
+
+
 def verify_conversion(result: ConversionResult, prepared: Prepared) -> dict[str, Any]:
     """THE verification hook: runs after every conversion unless --no-verify.
 
     Structure first (the written file reloads into its model with strict keys and shapes; the `.pth` of
-    `--format vim` holds the same keys), then numbers (`verify.numeric`): a forward on the calibration images (or
-    synthetic ones) on the best device, finite outputs, agreement of the scan backends usable there, per-layer cosine
-    to the teacher and top-1 agreement. A failed check raises `VerificationError`; the files stay for inspection.
+    `--format upstream` holds the same keys in its family's container), then numbers (`verify.numeric`): a forward on
+    the calibration images (or synthetic ones) on the best device, finite outputs, agreement of the scan backends
+    usable there, per-layer cosine to the teacher and top-1 agreement. A failed check raises `VerificationError`; the
+    files stay for inspection.
     """
     cfg, state, _ = load_converted(result.paths.weights)
     model = build_model(cfg, device="meta")
@@ -366,9 +381,9 @@ def verify_conversion(result: ConversionResult, prepared: Prepared) -> dict[str,
     report: dict[str, Any] = {"keys": len(state), "strict_load": True}
     if result.paths.pth is not None:
         pth = torch.load(result.paths.pth, map_location="cpu", weights_only=True)
-        if set(pth.get("model", {})) != set(state):
+        if set(pth.get(result.paths.container, {})) != set(state):
             raise VerificationError(f"{result.paths.pth}: keys differ from {result.paths.weights}")
-        report["pth_keys"] = len(pth["model"])
+        report["pth_keys"] = len(pth[result.paths.container])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     numeric = verify_converted(
         result.paths.weights,

@@ -39,9 +39,10 @@ def declared_kind(path: Path) -> str:
 
 
 def check_files(paths: list[Path]) -> list[FileReport]:
-    """Check each file as what it declares, and that no two mappings claim the default for the same target."""
+    """Check each file as what it declares, and that no two mappings claim the default for the same target (or the
+    `"*"` wildcard of the same family)."""
     reports: list[FileReport] = []
-    claims: dict[str, Path] = {}
+    claims: dict[tuple[str, str], Path] = {}  # (target family, name or "*") -> the file claiming its default
     for path in paths:
         report = FileReport(Path(path))
         reports.append(report)
@@ -56,9 +57,10 @@ def check_files(paths: list[Path]) -> list[FileReport]:
             continue
         report.pairs, report.problems = check_mapping(loaded)
         for i, name in enumerate(loaded.mapping.default_for):
-            if name in claims:
+            claim = (loaded.mapping.target, name)
+            if claim in claims:
                 where = loaded.where(f"default_for[{i}]")
-                report.problems.append(f"{where}: {name!r} is also the default of {claims[name]}")
+                report.problems.append(f"{where}: {name!r} is also the default of {claims[claim]}")
             else:
-                claims[name] = loaded.path
+                claims[claim] = loaded.path
     return reports

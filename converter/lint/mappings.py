@@ -1,10 +1,10 @@
 """A mapping checked against real architectures, on meta tensors: the code path a conversion runs.
 
-For each (source, target) pair the file supports (default: DeiT-T/S/B x ViM-T/S/B) the plan is built twice: with a
-plain source and default init for non-inherited layers, and with `--identity-rest` and, where the layout has one, the
-distilled variant of the source. Every
-target tensor must be produced exactly once, every source tensor must exist, every shape must work out, every
-index set must fit the axis it selects from; rules that match nothing and index sets no op uses are reported too.
+For each (source, target) pair the file supports (default: DeiT-T/S/B x every target of its family) the plan is built
+twice: with a plain source and default init for non-inherited layers, and with `--identity-rest` and, where the layout
+has one, the distilled variant of the source. Every target tensor must be produced exactly once, every source tensor
+must exist, every shape must work out, every index set must fit the axis it selects from; rules that match nothing
+and index sets no op uses are reported too.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def check_mapping(loaded: LoadedMapping) -> tuple[list[tuple[str, str]], list[st
             problems.append(f"{loaded.where(f'default_for[{i}]')}: unknown target {name!r}; targets: {sorted(targets)}")
 
     pairs: list[tuple[str, str]] = []
-    for i, (source, target) in enumerate(spec.supports or registry_pairs()):
+    for i, (source, target) in enumerate(spec.supports or registry_pairs(targets=sorted(targets))):
         try:
             families = (family_of(get_config(source)), family_of(get_config(target)))
         except (TmconvertError, ModelConfigError) as exc:
@@ -133,6 +133,7 @@ def plan_for_names(
 
 
 def registry_pairs(
-    sources: Sequence[str] = ("deit-t", "deit-s", "deit-b"), targets: Sequence[str] = ("vim-t", "vim-s", "vim-b")
+    sources: Sequence[str] = ("deit-t", "deit-s", "deit-b"), *, targets: Sequence[str]
 ) -> list[tuple[str, str]]:
+    """What a mapping without `supports` is checked on: DeiT-T/S/B x every registered target of its family."""
     return [(s, t) for s in sources for t in targets]

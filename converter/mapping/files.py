@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from tmconvert.converter.mapping.errors import MappingError
 from tmconvert.converter.mapping.schema import FORMAT_VERSION, Mapping
 from tmconvert.converter.yamlfile import read_yaml
+from tmconvert.models import family_of, get_config
 
 
 @dataclass(frozen=True)
@@ -136,11 +137,13 @@ def find_mapping(name_or_path: str) -> Path:
     raise MappingError(f"unknown mapping {name_or_path!r}; shipped mappings: {', '.join(sorted(shipped))}")
 
 
-def default_mapping_for(target: str, family: str = "vim") -> Path:
-    """The shipped mapping whose `default_for` lists `target`; else the one listing `"*"` for the target family.
+def default_mapping_for(target: str) -> Path:
+    """The shipped mapping whose `default_for` lists `target`; else the one listing `"*"` for the target's family
+    (read from the registry: `vim-*` take a `target: vim` file, `plainmamba-*` a `target: plainmamba` one, ...).
 
-    Exactly one file may claim a name (and one the wildcard); `tmconvert check` reports clashes.
+    Exactly one file may claim a name (and one the wildcard of each family); `tmconvert check` reports clashes.
     """
+    family = family_of(get_config(target))  # an unknown name: the registry's error, listing the known ones
     named, wildcard = [], []
     for path in shipped_mapping_paths():
         spec = load_mapping(path).mapping

@@ -6,7 +6,8 @@ free are solved so that the student layer, run on the teacher's own input, repro
 (`converter/convert/fit.py` does the solving; `docs/method.md` has the derivation). This module is the declaration
 the mapping schema validates against and the planner asks: a fit's name, what it says it does, which teacher
 sub-layer it reproduces, which index sets choose its channels, and which source tensors it reads (for the plan's
-usage report and its list of dropped tensors).
+usage report and its list of dropped tensors), and which target families' layers it can build (the solver writes a
+ViM bimamba layer; the planner refuses a fit in any other family's mapping).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class FitSpec:
     sublayer: str  # the teacher sub-layer the fitted student layer reproduces: "attn" or "mlp"
     sets: tuple[str, ...]  # index sets the fit reads: residual channels, and the per-block channels it keeps
     reads: tuple[str, ...]  # source tensors (templates in {block}) the fit may read; absent ones are skipped
+    families: tuple[str, ...] = ("vim",)  # target families whose layer the solver builds (fit.py: ViM's mixer)
 
 
 FITS: dict[str, FitSpec] = {

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from tmconvert.converter.mapping.fits import FITS
-from tmconvert.converter.mapping.ops import OpSpec, concat
+from tmconvert.converter.mapping.ops import INITS, OpSpec, concat
 from tmconvert.converter.mapping.schema import ConcatExpr, FitExpr, FromExpr, InitExpr, OpCall, fill_template, is_ref
 
 
@@ -246,14 +246,9 @@ class Region:
 
 def initial_tensor(init: str, shape: tuple[int, ...], *, meta: bool) -> torch.Tensor:
     """A whole target tensor from a constant initialiser (`default` comes from the target model instead)."""
-    device = "meta" if meta else "cpu"
-    if init == "conv_identity":
-        if len(shape) < 2:
-            raise ValueError(f"conv_identity needs a conv kernel (out, in, taps...), got shape {shape}")
-        tensor = torch.zeros(shape, device=device)
-        tensor[..., -1] = 1.0
-        return tensor
-    return torch.full(shape, {"zeros": 0.0, "ones": 1.0}[init], device=device)
+    make = INITS[init].fn
+    assert make is not None, "`init: default` is the target model's, not a constant"
+    return make(shape, "meta" if meta else "cpu")
 
 
 def _resolve_size(node: Node, ctx: EvalContext) -> int | None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tmconvert.models.tokens import resample_abs_pos_embed
+from tmconvert.models.videomamba import INFLATE_MODES, inflate_image_kernel
 
 # A configuration reference: `source.<field>` or `target.<field>`; resolved against the actual configs.
 REF_PATTERN = r"^(source|target)\.[a-z_][a-z0-9_]*$"
@@ -183,6 +184,50 @@ def resample_kernel(tensor: torch.Tensor, *, size: tuple[int, int]) -> torch.Ten
     return (flat @ pinv.T).reshape(*tensor.shape[:2], *size).to(tensor.dtype)
 
 
+def inflate_time(tensor: torch.Tensor, *, frames: int, mode: str) -> torch.Tensor:
+    """A 2-D patch kernel (D, C, h, w) as a 3-D tubelet kernel (D, C, frames, h, w) (VideoMamba's `inflate_weight`).
+
+    `center`: the kernel in the middle time slice, zeros elsewhere; `average`: repeated over time / frames. Either
+    way a clip of identical frames gets exactly the image's patch embedding; they differ on frames that differ.
+    """
+    if tensor.dim() != 4:
+        raise ValueError(f"inflate_time expects a (D, C, h, w) kernel, got {tuple(tensor.shape)}")
+    if frames <= 0:
+        raise ValueError(f"inflate_time needs frames >= 1, got {frames}")
+    if tensor.device.type == "meta":
+        return tensor.new_empty((*tensor.shape[:2], frames, *tensor.shape[2:]))
+    return inflate_image_kernel(tensor, frames, mode)
+
+
+def _subpixel(k: int, in_chans: int) -> tuple[int, int, int, int]:
+    """Channel k of a `space_to_depth` stem: (sign, input channel, row offset, column offset) of what it passes."""
+    k %= 8 * in_chans
+    sign, rest = (1, k) if k < 4 * in_chans else (-1, k - 4 * in_chans)
+    return sign, rest // 4, (rest % 4) // 2, rest % 2
+
+
+def space_to_depth(tensor: torch.Tensor, *, channels: int) -> torch.Tensor:
+    """A patch kernel (D, C, p, p) re-expressed for a conv (kernel = stride = p/2, `channels` inputs) that reads the
+    output of a `space_to_depth` stem: the same patch embedding, computed from the stem's sub-pixel channels.
+
+    Stem channel k < 8C carries sign * pixel (c, 2y + a, 2x + b) after ReLU (sign +1 for k < 4C, -1 after), so the
+    kernel's entry (d, k, u, v) is sign * W[d, c, 2u + a, 2v + b]: the + and - halves add up to W x. Channels from 8C
+    on repeat the pattern in the stem and get zero weight here, so each pixel counts once.
+    """
+    if tensor.dim() != 4 or tensor.shape[-1] % 2 or tensor.shape[-2] % 2:
+        raise ValueError(f"space_to_depth expects a (D, C, p, p) kernel with an even patch, got {tuple(tensor.shape)}")
+    out_dim, in_chans, height, width = tensor.shape
+    if channels < 8 * in_chans:
+        raise ValueError(f"a space_to_depth stem for {in_chans} image channels needs {8 * in_chans}, got {channels}")
+    if tensor.device.type == "meta":
+        return tensor.new_empty((out_dim, channels, height // 2, width // 2))
+    out = tensor.new_zeros((out_dim, channels, height // 2, width // 2))
+    for k in range(8 * in_chans):
+        sign, c, a, b = _subpixel(k, in_chans)
+        out[:, k] = sign * tensor[:, c, a::2, b::2]
+    return out
+
+
 def scale_by(tensor: torch.Tensor, *, factor: torch.Tensor, dim: int) -> torch.Tensor:
     """Multiply each entry along `dim` by the matching entry of the 1-D `factor` (folds LayerScale into a matrix:
     `diag(gamma) @ W` is `scale_by(W, factor=gamma, dim=0)`)."""
@@ -271,6 +316,21 @@ class ResampleKernelArgs(_Args):
         return {"size": _as_grid(ctx.ref(self.size), "resample_kernel.to")}
 
 
+class InflateTimeArgs(_Args):
+    frames: IntRef = Field(description="the tubelet's frames, e.g. target.tubelet")
+    mode: Literal[INFLATE_MODES] = Field(description="center: the middle frame; average: all frames / frames")
+
+    def resolve(self, ctx: ResolveContext) -> dict[str, Any]:
+        return {"frames": _as_int(ctx.ref(self.frames), "inflate_time.frames"), "mode": self.mode}
+
+
+class SpaceToDepthArgs(_Args):
+    channels: IntRef = Field(description="the stem's width, e.g. target.stem_channels")
+
+    def resolve(self, ctx: ResolveContext) -> dict[str, Any]:
+        return {"channels": _as_int(ctx.ref(self.channels), "space_to_depth.channels")}
+
+
 class ScaleByArgs(_Args):
     by: str = Field(description="a source tensor name (may use {layer} / {block}), 1-D")
     dim: int
@@ -323,6 +383,10 @@ def _factor_not_one(kwargs: dict[str, Any], _before: torch.Tensor, _after: torch
 
 def _shape_changes(_kwargs: dict[str, Any], before: torch.Tensor, after: torch.Tensor) -> bool:
     return tuple(after.shape) != tuple(before.shape)
+
+
+def _averages_frames(kwargs: dict[str, Any], _before: torch.Tensor, _after: torch.Tensor) -> bool:
+    return kwargs["mode"] == "average" and kwargs["frames"] > 1
 
 
 @dataclass(frozen=True)
@@ -383,6 +447,23 @@ OPS: dict[str, OpSpec] = {
             reads="all",
         ),
         OpSpec(
+            "inflate_time",
+            InflateTimeArgs,
+            inflate_time,
+            None,
+            "2-D patch kernel -> 3-D tubelet kernel (center or average over its frames)",
+            subclones=_averages_frames,
+            reads="all",
+        ),
+        OpSpec(
+            "space_to_depth",
+            SpaceToDepthArgs,
+            space_to_depth,
+            "channels",
+            "patch kernel -> the projection after a `space_to_depth` stem (same embedding)",
+            reads="all",
+        ),
+        OpSpec(
             "scale_by",
             ScaleByArgs,
             scale_by,
@@ -402,6 +483,82 @@ OPS: dict[str, OpSpec] = {
             reads="same",
             set_fields=("sqrt_ratio",),
         ),
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Initialisers (`init: <name>`): a whole target tensor made from its shape alone.
+
+
+def _constant(value: float) -> Callable[[tuple[int, ...], str], torch.Tensor]:
+    return lambda shape, device: torch.full(shape, value, device=device)
+
+
+def _kernel_shape(name: str, shape: tuple[int, ...]) -> None:
+    if len(shape) < 3:
+        raise ValueError(f"{name} needs a conv kernel (out, in, taps...), got shape {shape}")
+
+
+def conv_identity(shape: tuple[int, ...], device: str) -> torch.Tensor:
+    """A causal depthwise kernel that passes its input through: last tap 1, others 0."""
+    _kernel_shape("conv_identity", shape)
+    tensor = torch.zeros(shape, device=device)
+    tensor[..., -1] = 1.0
+    return tensor
+
+
+def dirac(shape: tuple[int, ...], device: str) -> torch.Tensor:
+    """A same-padded conv that passes its input through: output channel k reads input channel k (its own channel in
+    a depthwise kernel) at the centre tap, with weight 1."""
+    _kernel_shape("dirac", shape)
+    if any(size % 2 == 0 for size in shape[2:]):
+        raise ValueError(f"dirac needs odd kernel sizes (a centre tap), got shape {shape}")
+    tensor = torch.zeros(shape, device=device)
+    if device == "meta":
+        return tensor
+    centre = tuple(size // 2 for size in shape[2:])
+    for k in range(shape[0] if shape[1] == 1 else min(shape[0], shape[1])):
+        tensor[(k, 0 if shape[1] == 1 else k, *centre)] = 1.0
+    return tensor
+
+
+def space_to_depth_stem(shape: tuple[int, ...], device: str) -> torch.Tensor:
+    """A stride-2 stem kernel (S, C, K, K), padding K // 2, whose channel k passes one pixel of each 2x2 block:
+    sign * pixel (c, 2y + a, 2x + b) by `_subpixel(k)` (a ReLU after it keeps the + half in channels < 4C and the -
+    half up to 8C; the pattern repeats over the remaining channels, so none is dead). The projection made by the
+    `space_to_depth` op then computes the teacher's patch embedding exactly (BatchNorm at its init is the identity)."""
+    if len(shape) != 4 or shape[2] != shape[3] or shape[2] < 3:
+        raise ValueError(f"space_to_depth needs a square stem kernel (S, C, K, K), K >= 3, got shape {shape}")
+    tensor = torch.zeros(shape, device=device)
+    if device == "meta":
+        return tensor
+    centre = shape[2] // 2
+    for k in range(shape[0]):
+        sign, c, a, b = _subpixel(k, shape[1])
+        tensor[k, c, centre + a, centre + b] = float(sign)
+    return tensor
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """A named initialiser: `fn(shape, device)` makes the whole target tensor; `default` has none (the target
+    model's own upstream init, seeded, comes from the engine)."""
+
+    name: str
+    fn: Callable[[tuple[int, ...], str], torch.Tensor] | None
+    summary: str
+
+
+INITS: dict[str, InitSpec] = {
+    spec.name: spec
+    for spec in (
+        InitSpec("default", None, "the target model's upstream initialisation (seeded by --seed)"),
+        InitSpec("zeros", _constant(0.0), "all zeros (a zero out_proj makes a layer an identity)"),
+        InitSpec("ones", _constant(1.0), "all ones"),
+        InitSpec("conv_identity", conv_identity, "causal depthwise kernel passing its input through (last tap 1)"),
+        InitSpec("dirac", dirac, "same-padded conv passing its input through (centre tap 1 per channel)"),
+        InitSpec("space_to_depth", space_to_depth_stem, "stride-2 stem passing each 2x2 block's pixels, + and -"),
     )
 }
 

@@ -29,12 +29,13 @@ from pydantic import (
     model_validator,
 )
 
+from tmconvert.converter.configs import target_families
 from tmconvert.converter.dtypes import STORABLE
 from tmconvert.converter.mapping import ops as ops_mod
 from tmconvert.converter.mapping.fits import FITS
 
 FORMAT_VERSION = 1
-INITIALISERS = ("default", "zeros", "ones", "conv_identity")
+INITIALISERS = tuple(ops_mod.INITS)
 SCORE_SIGNALS = ("residual", "mlp_hidden", "attn_value")
 SUBLAYERS = ("attn", "mlp")  # the two residual sub-layers of a teacher block, in order
 
@@ -138,8 +139,8 @@ class FromExpr(_ExprBase):
 
 
 class InitExpr(_ExprBase):
-    """A named initialiser: `default` = the target model's upstream init (seeded), `zeros`, `ones`, `conv_identity`
-    (a causal conv kernel that passes its input through: last tap 1, the others 0)."""
+    """A named initialiser (`ops.INITS`): `default` = the target model's upstream init (seeded), constants, and
+    kernels that pass their input through."""
 
     init: Literal[INITIALISERS]
 
@@ -227,7 +228,7 @@ class Mapping(_Model):
     name: str | None = None
     description: str = ""
     source: Literal["vit"]
-    target: Literal["vim"]
+    target: str = Field(description="target family: any registered family a conversion can produce (vim, ...)")
     default_for: list[str] = Field(default_factory=list, description="registry targets this mapping is default for")
     supports: list[tuple[str, str]] | None = Field(None, description="(source, target) pairs `check` verifies")
     requires: dict[str, Any] = Field(default_factory=dict, description="source config fields that must match")
@@ -247,6 +248,14 @@ class Mapping(_Model):
     drops: dict[str, str] = Field(
         default_factory=dict, description="source tensors left out on purpose: glob pattern -> why (shown in plans)"
     )
+
+    @field_validator("target")
+    @classmethod
+    def _target_family(cls, family: str) -> str:
+        known = target_families()
+        if family not in known:
+            raise ValueError(f"unknown target family {family!r}; mappings convert into: {', '.join(known)}")
+        return family
 
     @field_validator("tensors", "rest", "identity_rest", "layer_defaults")
     @classmethod

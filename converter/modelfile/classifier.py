@@ -52,10 +52,13 @@ def load_teacher(path: Path, *, num_heads: int | None = None, ema: bool = False)
 
 
 def load_model_file(path: Path) -> LoadedModel:
-    """A model file written by tmconvert (converted or distilled), as a float32 model of its family."""
+    """A model file written by tmconvert (converted or distilled), as a float32 model of its family (integer buffers,
+    stored as floats, in the model's own dtype)."""
     cfg, state, metadata = load_converted(path)
     model = build_model(cfg, device="meta")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    own = model.state_dict()
+    as_model = {k: v.to(own[k].dtype if not own[k].is_floating_point() else torch.float32) for k, v in state.items()}
+    model.load_state_dict(as_model, strict=True, assign=True)
     return LoadedModel(model, family_of(cfg), cfg, metadata, path, (path,))
 
 

@@ -5,9 +5,11 @@ made it (`format: tmconvert`, the tool version, the family, the target name and 
 mapping, the source, the options, the layer plan and the chosen index sets; a distillation adds its run), so
 `load_converted` rebuilds the model without flags, checking the stored config field by field and every tensor's shape
 and dtype against it first. Metadata values are strings, structured ones compact JSON with sorted keys; nothing
-time- or host-dependent goes in, so the same inputs give a byte-identical file. Beside it,
-`<stem>.config.json` (the sidecar) carries the same metadata for people and other tools, and `--format vim` adds
-`<stem>.pth` holding `{'model': state_dict}` for the upstream Vim code. All files of one model are written
+time- or host-dependent goes in, so the same inputs give a byte-identical file. Every tensor is stored as a float:
+a model's integer buffers (BatchNorm's `num_batches_tracked`) are stored as floats and cast back to the model's dtype
+when loaded. Beside it, `<stem>.config.json` (the sidecar) carries the same metadata for people and other tools, and
+`--format upstream` adds `<stem>.pth` holding the state dict in the container the family's upstream code loads
+(`UPSTREAM_CONTAINERS`), the model's own dtypes restored. All files of one model are written
 atomically together (`files.atomic_files`): the weights appear last, nothing appears if anything fails, and a commit
 cut short by a signal or a crash is undone (by the process, or by the next write of the same file).
 
@@ -23,7 +25,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -33,27 +35,41 @@ from safetensors import safe_open
 
 from tmconvert.converter import __version__
 from tmconvert.converter.configs import config_from_json, config_json
+from tmconvert.converter.errors import ConfigError
 from tmconvert.converter.modelfile.errors import MetadataError, OutputError
 from tmconvert.converter.modelfile.files import atomic_files
 from tmconvert.converter.modelfile.safetensors import TensorSpec, write_safetensors_stream
 from tmconvert.models import ModelConfigError, config_type, family_of, state_dict_shapes
 
 FORMAT = "tmconvert"
+# The checkpoint container each family's upstream code loads a `.pth` from (`--format upstream`): hustvl/Vim and
+# OpenGVLab/VideoMamba read `checkpoint['model']`, mmcls (PlainMamba's classifier) `checkpoint['state_dict']`.
+UPSTREAM_CONTAINERS = {"vim": "model", "videomamba": "model", "plainmamba": "state_dict"}
+
+
+def upstream_container(family: str) -> str:
+    """The key the upstream `.pth` of a family holds its state dict under (ConfigError: no upstream layout known)."""
+    if family not in UPSTREAM_CONTAINERS:
+        known = ", ".join(sorted(UPSTREAM_CONTAINERS))
+        raise ConfigError(f"--format upstream: no upstream checkpoint layout is known for {family} (known: {known})")
+    return UPSTREAM_CONTAINERS[family]
 
 
 @dataclass(frozen=True)
 class OutputPaths:
-    """The files one conversion writes: the weights, the sidecar config, and the upstream-Vim `.pth` if asked."""
+    """The files one conversion writes: the weights, the sidecar config, and the upstream `.pth` if asked (its state
+    dict under `container`)."""
 
     weights: Path
     sidecar: Path
     pth: Path | None
+    container: str = "model"
 
     @classmethod
-    def for_weights(cls, weights: Path, *, vim_pth: bool) -> OutputPaths:
+    def for_weights(cls, weights: Path, *, pth_container: str | None = None) -> OutputPaths:
         stem = weights.name.removesuffix(".safetensors")
-        pth = weights.with_name(f"{stem}.pth") if vim_pth else None
-        return cls(weights, weights.with_name(f"{stem}.config.json"), pth)
+        pth = weights.with_name(f"{stem}.pth") if pth_container is not None else None
+        return cls(weights, weights.with_name(f"{stem}.config.json"), pth, pth_container or "model")
 
     def all(self) -> list[Path]:
         return [p for p in (self.weights, self.sidecar, self.pth) if p is not None]
@@ -96,10 +112,12 @@ def write_model_file(
     *,
     overwrite: bool,
     pth_order: Sequence[str] = (),
+    pth_dtypes: Mapping[str, torch.dtype] | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
 ) -> int:
     """Write a model's files atomically: the safetensors streamed from `tensors` (in `specs` order), the sidecar, and
-    the `.pth` (keys in `pth_order`) when `paths.pth` is set. Returns the bytes of weights written."""
+    the `.pth` (keys in `pth_order`, cast to `pth_dtypes` where given: the model's integer buffers) when `paths.pth`
+    is set. Returns the bytes of weights written."""
     kept: dict[str, torch.Tensor] = {}
     if paths.pth is not None:
         tensors = _tee(tensors, kept)
@@ -108,7 +126,9 @@ def write_model_file(
         written = write_safetensors_stream(weights, list(specs), tensors, metadata, on_tensor=on_tensor)
         _write_json(files[paths.sidecar].file, sidecar_json(metadata))
         if paths.pth is not None:
-            torch.save({"model": {name: kept[name] for name in pth_order}}, files[paths.pth].file)
+            casts = pth_dtypes or {}
+            state = {name: kept[name].to(casts.get(name, kept[name].dtype)) for name in pth_order}
+            torch.save({paths.container: state}, files[paths.pth].file)
     return written
 
 
@@ -208,6 +228,8 @@ def _conforms(value: Any, hint: Any) -> bool:
     args = typing.get_args(hint)
     if isinstance(hint, types.UnionType):
         return any(_conforms(value, arg) for arg in args)
+    if typing.get_origin(hint) is tuple and args[-1:] == (Ellipsis,):  # tuple[int, ...] (PlainMamba's dwconv_layers)
+        return isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
     if typing.get_origin(hint) is tuple:
         return isinstance(value, list) and len(value) == len(args) and all(map(_conforms, value, args))
     if hint is type(None):
@@ -224,6 +246,8 @@ def _conforms(value: Any, hint: Any) -> bool:
 def _describe(hint: Any) -> str:
     if isinstance(hint, types.UnionType):
         return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple and typing.get_args(hint)[-1:] == (Ellipsis,):
+        return f"[{_describe(typing.get_args(hint)[0])}, ...]"
     if typing.get_origin(hint) is tuple:
         return f"[{', '.join(_describe(arg) for arg in typing.get_args(hint))}]"
     names = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", type(None): "null"}

@@ -375,7 +375,7 @@ def _classify(node: Node, ctx: EvalContext) -> str:
     return "subcloned" if any(verdicts) else "inherited"
 
 
-_LAYER_NUMBER = re.compile(r"(?<=\.)\d+(?=\.)")
+_LAYER_NUMBER = re.compile(r"(?<=\blayers\.)\d+(?=\.)")  # every family keeps its layers under `layers.`
 _DIGITS = re.compile(r"\d+")
 
 
@@ -571,6 +571,13 @@ class _Planner:
         if not isinstance(node, FitNode):
             return node
         spec = FITS[node.fit]
+        family = family_of(self.configs["target"])
+        if family not in spec.families:
+            raise RuleError(
+                f"{node.path}.fit",
+                f"fit {node.fit} builds a layer of {' / '.join(spec.families)}; a {family} target has no such layer "
+                "(fits are ViM-only: use `from:` / `init:` rules)",
+            )
         missing = [s for s in spec.sets if s not in self.index_sets and s not in self.failed_sets]
         if missing:
             raise RuleError(f"{node.path}.fit", f"fit {node.fit} needs index sets {', '.join(missing)} (index_sets)")

@@ -1,12 +1,16 @@
-"""Numerical verification of a converted ViM: it runs, its backends agree, and it resembles its teacher.
+"""Numerical verification of a converted model (any target family): it runs, its backends agree, and it resembles
+its teacher.
 
 Runs after every conversion (unless `--no-verify`) and as `tmconvert verify OUT [--teacher SRC]`:
 1. load the written file alone (`load_model_file`: the config from its metadata, every tensor checked against it)
    and run calibration images through it;
 2. run the same images through every selective-scan backend usable here and compare each with `reference`;
 3. with the teacher: per-layer cosine similarity of student and teacher token features, pairing student layer j
-   with the teacher block the layer plan names and comparing on the residual channels the student kept, the cosine
-   of the final features, and top-1 agreement of the logits when both models classify into the same classes.
+   with the teacher block the layer plan names and comparing on the residual channels the student kept, token by
+   token (each student token against the teacher's token of the same patch, cls against cls: ViM's middle cls,
+   PlainMamba's patches without one), the cosine of the final features, and top-1 agreement of the logits when both
+   models classify into the same classes. A video student (VideoMamba) reads each image as a clip of one tubelet of
+   identical frames, so its frame's tokens pair with the image teacher's.
 
 The verdict: `ok` is true when every check that ran passed, i.e. the student's weights and outputs and the
 teacher's outputs are finite, every backend is within `BACKEND_TOLERANCE` of `reference`, and every similarity is a
@@ -38,11 +42,12 @@ import torch
 import torch.nn.functional as F
 
 from tmconvert.converter.checkpoint import Checkpoint
+from tmconvert.converter.configs import is_target_family
 from tmconvert.converter.data.calibration import calibration_batches
 from tmconvert.converter.errors import TmconvertError
 from tmconvert.converter.modelfile.classifier import load_model_file, non_finite_tensors
 from tmconvert.kernels import available_backends, use_backend
-from tmconvert.models import MambaOutput, VimConfig, ViTConfig
+from tmconvert.models import MambaOutput, TokenLayout, ViTConfig
 
 # Relative L2 error allowed between a backend and `reference` on fp32 logits and final tokens.
 BACKEND_TOLERANCE = 1e-4
@@ -103,12 +108,23 @@ def _finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _forward(model: torch.nn.Module, cfg: VimConfig, images: torch.Tensor, backend: str) -> MambaOutput:
-    """The model's outputs on `images`; on a CPU in batches of at most `CPU_SCAN_ELEMENTS` scan elements."""
-    per_image = cfg.seq_len * cfg.d_inner * cfg.d_state
-    step = max(1, CPU_SCAN_ELEMENTS // per_image) if images.device.type == "cpu" else len(images)
+def student_view(cfg: Any, images: torch.Tensor) -> tuple[torch.Tensor, TokenLayout]:
+    """What a student runs on for a batch of images, and where their tokens sit in its sequence.
+
+    An image family reads the images as they are. A video family (its config has a `tubelet`: VideoMamba) reads each
+    image as a clip of one tubelet of identical frames, one time step whose tokens are laid out as an image's."""
+    tubelet = getattr(cfg, "tubelet", None)
+    if tubelet is None:
+        return images, cfg.token_layout()
+    return images.unsqueeze(2).expand(-1, -1, tubelet, -1, -1), cfg.token_layout(tubelet)
+
+
+def _forward(model: torch.nn.Module, cfg: Any, inputs: torch.Tensor, layout: TokenLayout, backend: str) -> MambaOutput:
+    """The model's outputs on `inputs`; on a CPU in batches of at most `CPU_SCAN_ELEMENTS` scan elements."""
+    per_image = layout.seq_len * cfg.d_inner * cfg.d_state
+    step = max(1, CPU_SCAN_ELEMENTS // per_image) if inputs.device.type == "cpu" else len(inputs)
     with use_backend(backend), torch.no_grad():
-        parts = [model.forward_all(images[i : i + step]) for i in range(0, len(images), step)]
+        parts = [model.forward_all(inputs[i : i + step]) for i in range(0, len(inputs), step)]
     return MambaOutput(
         logits=torch.cat([p.logits for p in parts]),
         final_tokens=torch.cat([p.final_tokens for p in parts]),
@@ -116,7 +132,7 @@ def _forward(model: torch.nn.Module, cfg: VimConfig, images: torch.Tensor, backe
     )
 
 
-def _images(calib: str | int, cfg: VimConfig, max_images: int, seed: int) -> torch.Tensor:
+def _images(calib: str | int, cfg: Any, max_images: int, seed: int) -> torch.Tensor:
     """The first `max_images` calibration images at the student's input size."""
     geometry = ViTConfig(
         img_size=cfg.img_size,
@@ -147,15 +163,16 @@ def verify_converted(
     require_teacher: bool = False,
 ) -> VerifyReport:
     """Verify the model file at `path`; see the module docstring. Never raises for a failed check: the report
-    lists the problems (`report.ok`), so callers decide how loud to be. A file that is no ViM model file raises."""
+    lists the problems (`report.ok`), so callers decide how loud to be. A file that is no converted model raises."""
     path = Path(path)
     loaded = load_model_file(path)
     cfg, metadata = loaded.config, loaded.metadata
-    if not isinstance(cfg, VimConfig):
-        raise VerificationError(f"{path}: a {loaded.family} model; verify checks ViM model files")
+    if not is_target_family(loaded.family):
+        raise VerificationError(f"{path}: a {loaded.family} model; verify checks converted (Mamba) model files")
     device = torch.device(device)
     student = loaded.model.to(device).eval()
     images = _images(calib, cfg, max_images, seed).to(device)
+    inputs, layout = student_view(cfg, images)
     stage = "distilled" if "distill" in metadata else "converted"
     report = VerifyReport(path=str(path), images=len(images), finite=True, backends={}, stage=stage)
     broken = non_finite_tensors(student)
@@ -164,7 +181,7 @@ def verify_converted(
 
     # On a CPU, Triton only runs in its interpreter (a debugging aid): compare it there only when asked to.
     usable = backends or [b for b in available_backends(device) if device.type == "cuda" or b != "triton"]
-    outputs = {name: _forward(student, cfg, images, name) for name in usable}
+    outputs = {name: _forward(student, cfg, inputs, layout, name) for name in usable}
     ref_name = "reference" if "reference" in outputs else usable[0]
     ref = outputs[ref_name]
     report.finite = all(_finite(out.logits, out.final_tokens) for out in outputs.values())
@@ -179,7 +196,7 @@ def verify_converted(
                 report.problems.append(f"backend {name} differs from {ref_name} by {err:.2e} (> {BACKEND_TOLERANCE:g})")
 
     if teacher is not None:
-        _compare_with_teacher(report, ref, teacher, cfg, metadata, images, path)
+        _compare_with_teacher(report, ref, teacher, cfg, layout, metadata, images, path)
         if require_teacher and "final" in report.not_compared:
             report.problems.append(f"no comparison with the teacher: {report.not_compared['final']}")
         if stage == "converted" and len(report.not_compared) < len(MEASURES):
@@ -191,7 +208,8 @@ def _compare_with_teacher(
     report: VerifyReport,
     ref: MambaOutput,
     teacher: Checkpoint,
-    cfg: VimConfig,
+    cfg: Any,
+    layout: TokenLayout,
     metadata: dict[str, Any],
     images: torch.Tensor,
     path: Path,
@@ -211,7 +229,7 @@ def _compare_with_teacher(
         report.teacher_comparison = "skipped"
         return
 
-    features = _feature_pairing(cfg, tcfg, metadata)
+    features = _feature_pairing(cfg, layout, tcfg, metadata)
     if isinstance(features, str):
         report.not_compared.update(layers=features, final=features)
     else:
@@ -257,7 +275,7 @@ def _compare_with_teacher(
     report.teacher_comparison = "partial" if report.not_compared else "done"
 
 
-def _unrunnable(cfg: VimConfig, tcfg: ViTConfig) -> str | None:
+def _unrunnable(cfg: Any, tcfg: ViTConfig) -> str | None:
     """Why the teacher cannot run on the student's images, or None when it can."""
     height, width = cfg.img_size
     if tcfg.in_chans != cfg.in_chans:
@@ -268,16 +286,16 @@ def _unrunnable(cfg: VimConfig, tcfg: ViTConfig) -> str | None:
 
 
 def _feature_pairing(
-    cfg: VimConfig, tcfg: ViTConfig, metadata: dict[str, Any]
+    cfg: Any, layout: TokenLayout, tcfg: ViTConfig, metadata: dict[str, Any]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | str:
     """(teacher position of each student token, which student tokens have one, teacher channels the student kept
     or None for all), or why student and teacher features cannot be compared one to one."""
     height, width = cfg.img_size
     teacher_grid = (height // tcfg.patch_size, width // tcfg.patch_size)
     try:
-        token_index, valid = cfg.token_layout().positions_in(tcfg.token_layout(teacher_grid))
+        token_index, valid = layout.positions_in(tcfg.token_layout(teacher_grid))
     except ValueError:
-        grid = cfg.grid
+        grid = layout.grid
         return (
             f"the student's {grid[0]}×{grid[1]} patch grid is not the teacher's {teacher_grid[0]}×{teacher_grid[1]} "
             f"at {height}×{width} px, so their tokens do not pair one to one"
