@@ -1,4 +1,5 @@
-"""`tmconvert distill TEACHER STUDENT --data D --out DIR`: stage 2, distil a converted (or from-scratch) ViM.
+"""`tmconvert distill TEACHER STUDENT --data D --out DIR`: stage 2, distil a converted (or from-scratch) Mamba
+(ViM, PlainMamba, VideoMamba on images or clips).
 
 Progress goes to stderr: a live bar per phase (`align` when the recipe aligns layers first, then `distill`) with the
 loss parts, per-layer cosines or adaptive weights, img/s and ETA on a terminal, one line per log step otherwise
@@ -37,13 +38,14 @@ def distill(
     teacher: Annotated[Path, typer.Argument(help="Teacher ViT checkpoint (any format `tmconvert inspect` reads).")],
     student: Annotated[
         str,
-        typer.Argument(help="Student: a ViM file from `tmconvert convert`, or a model name (vim-t) for from-scratch."),
+        typer.Argument(help="Student: a file from `tmconvert convert`, or a model name (vim-t) for from-scratch."),
     ],
     data: Annotated[
         str,
         typer.Option(
             "--data",
-            help="Training images: a folder (class subfolders; flat = unlabelled), fashion-mnist[:ROOT], synthetic:N.",
+            help="Training images: a folder (class subfolders; flat = unlabelled), fashion-mnist[:ROOT], synthetic:N; "
+            "clips:T:<images> for a video student.",
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints, metrics, the distilled student.")],

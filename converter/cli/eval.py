@@ -1,8 +1,10 @@
 """`tmconvert eval MODEL --data D`: top-1 / top-5 accuracy and mean loss of any teacher or student checkpoint.
 
-A ViM written by tmconvert (converted or distilled) loads through `load_converted`, anything else through the ViT
-readers. Images are preprocessed as the model expects: its input size, and the normalisation recorded in its
-metadata (ImageNet otherwise); no augmentation.
+A model written by tmconvert (converted or distilled: ViM, PlainMamba, VideoMamba) loads through `load_converted`,
+anything else through the ViT readers; a registry name (`plainmamba-l1`) is that model freshly initialised (seed 0),
+the chance-level baseline. Images are preprocessed as the model expects: its input size, and the normalisation
+recorded in its metadata (ImageNet otherwise); no augmentation. A video model also reads clips (`clips:T:...`), each
+frame preprocessed as an image.
 """
 
 from __future__ import annotations
@@ -17,18 +19,28 @@ from rich.markup import escape
 from rich.table import Table
 
 from tmconvert.converter.cli._console import console
+from tmconvert.converter.data.clips import ClipSource
 from tmconvert.converter.data.loaders import ImageDataset, eval_batches
 from tmconvert.converter.data.preprocess import InputSpec, Preprocess
 from tmconvert.converter.data.sources import default_workers, open_source
+from tmconvert.converter.distill.families import VIDEO_FAMILIES
 from tmconvert.converter.errors import ConfigError
 from tmconvert.converter.modelfile.classifier import LoadedModel, load_classifier
 from tmconvert.converter.verify.accuracy import EvalResult, measure_accuracy
+from tmconvert.models import ModelConfigError, build_model, family_of, get_config
 
 
 def eval_(
-    model: Annotated[Path, typer.Argument(help="Teacher ViT checkpoint, or a ViM written by tmconvert.")],
+    model: Annotated[
+        Path,
+        typer.Argument(help="Teacher ViT checkpoint, a model written by tmconvert, or a model name (untrained)."),
+    ],
     data: Annotated[
-        str, typer.Option("--data", help="Labelled images: class subfolders, fashion-mnist[:ROOT] or synthetic:N.")
+        str,
+        typer.Option(
+            "--data",
+            help="Labelled images: class subfolders, fashion-mnist[:ROOT] or synthetic:N; clips:T:<images> for video.",
+        ),
     ],
     split: Annotated[str, typer.Option("--split", help="fashion-mnist split: test or train.")] = "test",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 256,
@@ -49,12 +61,16 @@ def eval_(
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
     run_on = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    loaded = load_classifier(model, num_heads=heads)
+    loaded = _load(model, heads)
     classes = loaded.config.num_classes
     if classes == 0:
         raise ConfigError(f"{model}: has no classifier head; nothing to evaluate")
     spec = InputSpec.for_model(loaded.config.img_size, loaded.config.in_chans, loaded.metadata)
-    source = open_source(data, split=split, img_size=spec.img_size, num_classes=classes)
+    source = open_source(data, split=split, img_size=spec.img_size, num_classes=classes, clips=True)
+    if isinstance(source, ClipSource) and loaded.family not in VIDEO_FAMILIES:
+        raise ConfigError(
+            f"--data {data}: clips need a video model ({', '.join(VIDEO_FAMILIES)}), not a {loaded.family}"
+        )
     if source.classes is None:
         raise ConfigError(f"--data {data}: unlabelled images; evaluation needs class subfolders")
     if len(source.classes) > classes:
@@ -68,6 +84,18 @@ def eval_(
         console.out(json.dumps(_report(loaded, data, result), indent=2), highlight=False)
     else:
         _print(loaded, data, result)
+
+
+def _load(model: Path, heads: int | None) -> LoadedModel:
+    """A checkpoint or model file; else, when `model` is a registry name, that model freshly initialised (seed 0)."""
+    if not model.exists():
+        try:
+            cfg = get_config(str(model))
+        except ModelConfigError:
+            pass
+        else:
+            return LoadedModel(build_model(cfg, seed=0).eval(), family_of(cfg), cfg, {}, model, ())
+    return load_classifier(model, num_heads=heads)
 
 
 def _report(loaded: LoadedModel, data: str, result: EvalResult) -> dict:

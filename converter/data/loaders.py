@@ -15,19 +15,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from tmconvert.converter.data.clips import ClipSource
 from tmconvert.converter.data.errors import DatasetError
 from tmconvert.converter.data.preprocess import Preprocess
 from tmconvert.converter.data.sources import ImageSource
 
 
 class ImageDataset(Dataset):
-    """A source behind a `Preprocess`. Keys are an index (evaluation) or (index, epoch) (training).
+    """A source behind a `Preprocess`: (C, H, W) images, or (C, T, H, W) clips from a `ClipSource`. Keys are an
+    index (evaluation) or (index, epoch) (training).
 
     Training keys seed the sample's augmentation by (seed, epoch, index), so it does not depend on which worker
     process loads it or on what ran before.
     """
 
-    def __init__(self, source: ImageSource, preprocess: Preprocess, seed: int = 0):
+    def __init__(self, source: ImageSource | ClipSource, preprocess: Preprocess, seed: int = 0):
         self.source, self.preprocess, self.seed = source, preprocess, seed
 
     def __len__(self) -> int:
@@ -39,6 +41,8 @@ class ImageDataset(Dataset):
             rng = np.random.default_rng([self.seed, epoch, index])
         else:
             index, rng = key, None
+        if isinstance(self.source, ClipSource):
+            return self.preprocess.clip(self.source.clip(index), rng), self.source.label(index)
         return self.preprocess(self.source.image(index), rng), self.source.label(index)
 
 

@@ -1,7 +1,8 @@
 """What a model expects of an image (`InputSpec`: size, channels, normalisation) and the `Preprocess` that turns a
 PIL image into it: the teacher's input size, grey copied to 3 channels for an RGB model, and the normalisation the
 model's metadata records (ImageNet's otherwise). Training adds augmentation that suits the image size: pad-and-crop
-plus flip for small images, random-resized-crop plus flip for large ones.
+plus flip for small images, random-resized-crop plus flip for large ones. A clip's frames share one augmentation
+draw (`Preprocess.clip`), so augmentation never adds motion of its own.
 """
 
 from __future__ import annotations
@@ -139,6 +140,14 @@ class Preprocess:
             img = self._centre(img)
         pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).view(height, width, self.spec.channels)
         return normalise(pixels.permute(2, 0, 1).float().div(255), self.spec.mean, self.spec.std)
+
+    def clip(self, frames: Sequence[Image.Image], rng: np.random.Generator | None = None) -> torch.Tensor:
+        """PIL frames → (C, T, H, W), every frame with the same crop and flip: each frame's draws come from a
+        generator seeded by one draw of `rng`, so they repeat frame after frame."""
+        if rng is None:
+            return torch.stack([self(frame) for frame in frames], dim=1)
+        seed = int(rng.integers(2**63))
+        return torch.stack([self(frame, np.random.default_rng(seed)) for frame in frames], dim=1)
 
     def _fit(self, img: Image.Image) -> Image.Image:
         height, width = self.spec.img_size

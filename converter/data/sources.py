@@ -2,7 +2,8 @@
 below it, classes sorted by folder name) gives labelled images, a flat folder unlabelled ones (pure distillation: no
 task loss); `fashion-mnist` or `fashion-mnist:ROOT` reads the IDX files (train or test); `synthetic:N` gives N seeded
 random images with random labels, which exercises every code path and teaches nothing. Any of them followed by
-`[START:STOP]` takes those images only.
+`[START:STOP]` takes those images only. `clips:T:<any of these>` makes T-frame clips of them for video students
+(`clips.py`).
 
 Every source hands out PIL images. Unreadable images stop the run with the file's name (`DatasetError`) instead of
 being skipped: a data set that silently shrinks changes what a run measures, and a broken file only has to be fixed
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from tmconvert.converter.data.clips import MAX_FRAMES, ClipSource
 from tmconvert.converter.data.errors import DatasetError
 from tmconvert.converter.data.fashion_mnist import load_fashion_mnist
 
@@ -201,13 +203,17 @@ def open_source(
     img_size: tuple[int, int] = (224, 224),
     num_classes: int = 0,
     option: str = "--data",
-) -> ImageSource:
+    clips: bool = False,
+) -> ImageSource | ClipSource:
     """`--data` → a source: `synthetic:N`, `fashion-mnist[:ROOT]` (`split`), or a folder path; any of them followed
     by `[START:STOP]` takes those images only (Python slice: `fashion-mnist[:-5000]`, `fashion-mnist[-5000:]`).
+    With `clips`, also `clips:T:<image spec>`: T-frame clips of those images (`ClipSource`).
 
     `img_size` and `num_classes` shape synthetic data only (images at the model's size, labels in its classes);
     `option` is what error messages call the spec (`--calib` reads the same specs).
     """
+    if (spec or "").startswith("clips:"):
+        return _open_clips(spec, split=split, img_size=img_size, num_classes=num_classes, option=option, clips=clips)
     sliced = _SLICE.match(spec or "")
     if sliced:
         inner = open_source(sliced["inner"], split=split, img_size=img_size, num_classes=num_classes, option=option)
@@ -231,3 +237,22 @@ def open_source(
     if kind == "fashion-mnist":
         return FashionMnistSource(split, rest or None)
     return FolderSource(Path(spec))
+
+
+def _open_clips(
+    spec: str, *, split: str, img_size: tuple[int, int], num_classes: int, option: str, clips: bool
+) -> ClipSource:
+    """`clips:T:<image spec>`; only where the caller reads clips (distillation and evaluation of video students)."""
+    if not clips:
+        raise DatasetError(f"{option} {spec}: clips are read by video students only (distill, eval); give images here")
+    _, frames_text, inner = spec.split(":", 2) if spec.count(":") >= 2 else (spec, "", "")
+    frames = parse_count(frames_text, MAX_FRAMES)
+    if frames is None or not inner:
+        raise DatasetError(
+            f"{option} {spec}: clips need a frame count from 1 to {MAX_FRAMES} and an image spec, "
+            "e.g. clips:4:fashion-mnist[:5000]"
+        )
+    if inner.startswith("clips:"):
+        raise DatasetError(f"{option} {spec}: clips are made of images, not of clips")
+    images = open_source(inner, split=split, img_size=img_size, num_classes=num_classes, option=option)
+    return ClipSource(images, frames)

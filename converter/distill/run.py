@@ -1,7 +1,8 @@
 """The distillation run: inputs checked up front, the training loop, checkpoints, resume, the distilled output.
 
-`prepare_run` locks the run folder (one run per folder), loads the teacher, the student (a tmconvert ViM file, or a
-registry name for a from-scratch baseline whose geometry and classes follow the teacher), the data and the layer
+`prepare_run` locks the run folder (one run per folder), loads the teacher, the student (a tmconvert model file of any
+Mamba family — ViM, PlainMamba, VideoMamba — or a registry name for a from-scratch baseline whose geometry and classes
+follow the teacher), the data (images, or clips for a video student: `families.py`) and the layer
 pairing, and checks that they fit together and that the run folder may be written — all before anything but the
 lock is written. `run_distillation` then trains, and releases the lock: first, when `align.steps` > 0, the
 layer-wise alignment phase (`align.py`, global steps 1..align.steps), then distillation (the next `steps` steps) with
@@ -37,12 +38,14 @@ from torch import nn
 
 from tmconvert.converter import __version__
 from tmconvert.converter.configs import config_json, derive_target_config
+from tmconvert.converter.data.clips import ClipSource
 from tmconvert.converter.data.loaders import ImageDataset, steps_per_epoch, train_batches
 from tmconvert.converter.data.preprocess import InputSpec, Preprocess
 from tmconvert.converter.data.sources import ImageSource, open_source
 from tmconvert.converter.distill.align import AlignmentPlan, AlignmentTrainer, AlignStep, plan_alignment
 from tmconvert.converter.distill.errors import RunError
-from tmconvert.converter.distill.loss import LossOutput, token_alignment
+from tmconvert.converter.distill.families import TeacherTargets, student_token_alignment, time_steps
+from tmconvert.converter.distill.loss import LossOutput
 from tmconvert.converter.distill.processes import DistContext
 from tmconvert.converter.distill.recipe import LoadedRecipe, Recipe
 from tmconvert.converter.distill.runfiles import (
@@ -61,7 +64,7 @@ from tmconvert.converter.errors import TmconvertError
 from tmconvert.converter.modelfile.classifier import LoadedModel, load_classifier, load_model_file
 from tmconvert.converter.modelfile.converted import encode_metadata, header_fields
 from tmconvert.converter.modelfile.files import sha256_files
-from tmconvert.models import ModelConfigError, ViTConfig, build_model, get_config
+from tmconvert.models import ModelConfigError, ViTConfig, build_model, family_of, get_config
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,8 @@ class DistillRequest:
     """Everything `tmconvert distill` was asked to do."""
 
     teacher: Path
-    student: str  # a tmconvert ViM file, or a registry name (vim-t) for a from-scratch student
-    data: str  # see data.open_source
+    student: str  # a tmconvert model file, or a registry name (vim-t, plainmamba-l1) for a from-scratch student
+    data: str  # see data.open_source (clips:T:... for a video student)
     out: Path  # the run folder
     recipe: LoadedRecipe
     resume: bool = False
@@ -90,7 +93,8 @@ class PreparedRun:
     student_metadata: dict[str, Any]  # of the input file; {} for a from-scratch student
     student_origin: str  # the file name, or the registry name
     pairs: list[tuple[int, int]]
-    source: ImageSource
+    source: ImageSource | ClipSource
+    frames: int | None  # frames per clip; None: images
     input_spec: InputSpec
     labelled: bool
     paths: RunPaths
@@ -185,7 +189,7 @@ def _load_student(spec: str, teacher_cfg: ViTConfig, seed: int) -> tuple[torch.n
     path = Path(spec)
     if path.exists() or path.suffix == ".safetensors":
         if not path.is_file():
-            raise RunError(f"{path}: no such student file (a tmconvert ViM .safetensors, or a model name like vim-t)")
+            raise RunError(f"{path}: no such student file (a tmconvert .safetensors, or a model name like vim-t)")
         loaded = load_model_file(path)
         return loaded.model, loaded.metadata, path.name
     try:
@@ -196,7 +200,7 @@ def _load_student(spec: str, teacher_cfg: ViTConfig, seed: int) -> tuple[torch.n
     return build_model(cfg, seed=seed), {}, spec
 
 
-def _check_fit(teacher: ViTConfig, student: Any, recipe: Recipe, source: ImageSource) -> list[str]:
+def _check_fit(teacher: ViTConfig, student: Any, recipe: Recipe, source: ImageSource | ClipSource) -> list[str]:
     """The teacher, student, data and recipe fit together; returns notes about pieces switched off."""
     if tuple(student.img_size) != tuple(teacher.img_size) or student.in_chans != teacher.in_chans:
         raise RunError(
@@ -296,15 +300,24 @@ def _prepare(request: DistillRequest, dist: DistContext, paths: RunPaths) -> Pre
         rebuilt = build_model(training_cfg, device="meta")
         rebuilt.load_state_dict(student.state_dict(), strict=True, assign=True)
         student = rebuilt
-    source = open_source(request.data, split="train", img_size=teacher_cfg.img_size, num_classes=stored_cfg.num_classes)
+    source = open_source(
+        request.data, split="train", img_size=teacher_cfg.img_size, num_classes=stored_cfg.num_classes, clips=True
+    )
+    frames = source.frames if isinstance(source, ClipSource) else None
+    time_steps(stored_cfg, frames, f"--data {request.data}")  # clips need a video student, frames its tubelets
     notes = _check_fit(teacher_cfg, stored_cfg, recipe, source)
     if steps_per_epoch(len(source), recipe.batch_size // dist.world, dist.world) == 0:
         raise RunError(f"--data {request.data}: {len(source)} images do not make one batch of {recipe.batch_size}")
     pairs = resolve_pairs(recipe.loss.pairs, student_metadata, stored_cfg.depth, teacher_cfg.depth)
     if recipe.loss.feature > 0:
-        token_alignment(stored_cfg.token_layout(), teacher_cfg.token_layout())  # grids must match
+        student_token_alignment(stored_cfg, teacher_cfg, frames)  # grids must match
     alignment = None
     if recipe.align.steps > 0:
+        if family_of(stored_cfg) != "vim":
+            raise RunError(
+                f"align.steps: the layer-wise alignment phase aligns ViM layers only, {origin} is a "
+                f"{family_of(stored_cfg)} (set align.steps=0)"
+            )
         alignment = plan_alignment(student_metadata, origin, stored_cfg, teacher_cfg, recipe.align.steps)
     student_id: dict[str, Any] = (
         {"file_sha256": sha256_files([Path(request.student)])}
@@ -331,6 +344,7 @@ def _prepare(request: DistillRequest, dist: DistContext, paths: RunPaths) -> Pre
         student_origin=origin,
         pairs=pairs,
         source=source,
+        frames=frames,
         input_spec=InputSpec.for_model(teacher_cfg.img_size, teacher_cfg.in_chans, teacher.metadata),
         labelled=source.classes is not None,
         paths=paths,
@@ -447,6 +461,7 @@ def _run_record(prepared: PreparedRun, dist: DistContext, amp: bool, cuda_graph:
         "student": request.student,
         "student_config": config_json(prepared.student_config),
         "data": request.data,
+        "frames": prepared.frames,
         "input": prepared.input_spec.to_json(),
         "labelled": prepared.labelled,
         "pairs": [list(p) for p in prepared.pairs],
@@ -613,7 +628,7 @@ def _train(
     state, prepared.resume_state = prepared.resume_state, None
     cuda_graph = resolve_cuda_graph(recipe.run.cuda_graph, dist)
     torch.manual_seed(recipe.seed)  # projectors: the same on every rank, with or without alignment first
-    loss = build_loss(recipe, prepared.student, prepared.teacher.config, prepared.pairs)
+    loss = build_loss(recipe, prepared.student, prepared.teacher.config, prepared.pairs, prepared.frames)
     if state is None and dist.is_main:
         for stale in paths.results:
             stale.unlink(missing_ok=True)  # --force: a new run must not leave the old one's results around
@@ -674,6 +689,7 @@ def _train(
         dist,
         labelled=prepared.labelled,
         start_step=recipe.align.steps,
+        targets=TeacherTargets.for_student(prepared.teacher.config, prepared.student_config),
     )
     torch.manual_seed(recipe.seed + dist.rank)  # drop-path draws: one stream per rank
     if state is not None:

@@ -15,17 +15,19 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from tmconvert.converter.distill.loss import DistillationLoss, FeatureAlignment, LossOutput, token_alignment
+from tmconvert.converter.distill.families import TeacherTargets, student_scan_orders, student_token_alignment
+from tmconvert.converter.distill.loss import DistillationLoss, FeatureAlignment, LossOutput
 from tmconvert.converter.distill.processes import DistContext
 from tmconvert.converter.distill.recipe import Recipe
 from tmconvert.converter.errors import ConfigError
-from tmconvert.models import VisionMamba, VisionTransformer, ViTConfig
+from tmconvert.models import VisionTransformer, ViTConfig
 
 
 class StudentWithLoss(nn.Module):
-    """The trainable part (student + projectors) as one module, so DistributedDataParallel syncs both."""
+    """The trainable part (student + projectors) as one module, so DistributedDataParallel syncs both. The student
+    is any Mamba family with `forward_all(inputs, return_directions=)` (ViM, PlainMamba, VideoMamba)."""
 
-    def __init__(self, student: VisionMamba, loss: DistillationLoss):
+    def __init__(self, student: nn.Module, loss: DistillationLoss):
         super().__init__()
         self.student = student
         self.loss = loss
@@ -43,16 +45,21 @@ class StudentWithLoss(nn.Module):
 
 
 def build_loss(
-    recipe: Recipe, student: VisionMamba, teacher_cfg: ViTConfig, pairs: list[tuple[int, int]]
+    recipe: Recipe,
+    student: nn.Module,
+    teacher_cfg: ViTConfig,
+    pairs: list[tuple[int, int]],
+    frames: int | None = None,
 ) -> DistillationLoss:
-    """The recipe's loss for this student/teacher pair (projectors drawn from torch's current RNG)."""
+    """The recipe's loss for this student/teacher pair on images (`frames` None) or clips of `frames` frames
+    (projectors drawn from torch's current RNG)."""
     spec = recipe.loss
     alignment = None
     if spec.feature > 0:
-        index, valid = token_alignment(student.token_layout(), teacher_cfg.token_layout())
+        index, valid = student_token_alignment(student.cfg, teacher_cfg, frames)
         alignment = FeatureAlignment(
             pairs,
-            student.scan_orders(),
+            student_scan_orders(student, frames),
             index,
             valid,
             student_width=student.cfg.d_inner,
@@ -141,18 +148,20 @@ class Trainer:
     def __init__(
         self,
         teacher: VisionTransformer,
-        student: VisionMamba,
+        student: nn.Module,
         loss: DistillationLoss,
         recipe: Recipe,
         dist: DistContext | None = None,
         *,
         labelled: bool = True,
         start_step: int = 0,
+        targets: TeacherTargets | None = None,
     ):
         self.dist = dist or DistContext()
         device = self.dist.device
         self.recipe = recipe
         self.teacher = teacher.to(device).eval().requires_grad_(False)
+        self.targets = targets or TeacherTargets(teacher.cfg)  # images as they are, clips frame by frame
         self.module = StudentWithLoss(student, loss).to(device)
         self.module.train()
         self.model: nn.Module = self.module
@@ -196,7 +205,7 @@ class Trainer:
                 state["step"] = state["step"].to(device if self.cuda_graph else "cpu", torch.float32)
 
     @property
-    def student(self) -> VisionMamba:
+    def student(self) -> nn.Module:
         return self.module.student
 
     @property
@@ -208,9 +217,9 @@ class Trainer:
         device = self.dist.device
         autocast = {"dtype": torch.bfloat16, "enabled": self.amp, "cache_enabled": not self.cuda_graph}
         with torch.no_grad(), torch.autocast(device.type, **autocast):
-            teacher_out = self.teacher.forward_all(images)
+            teacher_logits, teacher_layers = self.targets(self.teacher, images)
         with torch.autocast(device.type, **autocast):
-            loss = self.model(images, teacher_out.logits, teacher_out.layer_tokens, labels, self._reduce)
+            loss = self.model(images, teacher_logits, teacher_layers, labels, self._reduce)
         if zero_grad:
             self.optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
