@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,8 @@ INFLATE_MODES = ("center", "average")
 @dataclass(frozen=True)
 class VideoMambaConfig:
     """Shape hyper-parameters of a VideoMamba; defaults are videomamba_tiny at 8 frames of 224 px."""
+
+    reads_clips: ClassVar[bool] = True  # its input is (B, C, T, H, W); a distiller asks the config, not the family name
 
     embed_dim: int = 192
     depth: int = 24

@@ -221,8 +221,9 @@ def _num_patches(img_size: tuple[int, int], patch: int, stride: int) -> int:
 class MambaOutput:
     """One pass of a Mamba vision model, everything a distiller reads.
 
-    `directions[layer][name]` is that direction's branch output (gated, D-skip included, before the directions are
-    combined) with its time axis in the direction's scan order: step j visits token `scan_orders()[name][j]`.
+    `directions[layer][name]` is that direction's branch output before the directions are combined, D-skip included
+    (gated where the family gates each direction, as ViM and VideoMamba do; PlainMamba gates their sum, so its
+    directions are not), with its time axis in the direction's scan order: step j visits `scan_orders()[name][j]`.
     """
 
     logits: torch.Tensor  # (B, num_classes), or the pooled features when num_classes == 0

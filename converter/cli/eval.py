@@ -23,7 +23,7 @@ from tmconvert.converter.data.clips import ClipSource
 from tmconvert.converter.data.loaders import ImageDataset, eval_batches
 from tmconvert.converter.data.preprocess import InputSpec, Preprocess
 from tmconvert.converter.data.sources import default_workers, open_source
-from tmconvert.converter.distill.families import VIDEO_FAMILIES
+from tmconvert.converter.distill.families import clip_families, reads_clips
 from tmconvert.converter.errors import ConfigError
 from tmconvert.converter.modelfile.classifier import LoadedModel, load_classifier
 from tmconvert.converter.verify.accuracy import EvalResult, measure_accuracy
@@ -67,9 +67,9 @@ def eval_(
         raise ConfigError(f"{model}: has no classifier head; nothing to evaluate")
     spec = InputSpec.for_model(loaded.config.img_size, loaded.config.in_chans, loaded.metadata)
     source = open_source(data, split=split, img_size=spec.img_size, num_classes=classes, clips=True)
-    if isinstance(source, ClipSource) and loaded.family not in VIDEO_FAMILIES:
+    if isinstance(source, ClipSource) and not reads_clips(loaded.config):
         raise ConfigError(
-            f"--data {data}: clips need a video model ({', '.join(VIDEO_FAMILIES)}), not a {loaded.family}"
+            f"--data {data}: clips need a video model ({', '.join(clip_families())}), not a {loaded.family}"
         )
     if source.classes is None:
         raise ConfigError(f"--data {data}: unlabelled images; evaluation needs class subfolders")

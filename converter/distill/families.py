@@ -23,19 +23,27 @@ from torch import nn
 
 from tmconvert.converter.distill.errors import RunError
 from tmconvert.converter.distill.loss import token_alignment
-from tmconvert.models import ModelConfigError, ViTConfig, family_of
+from tmconvert.models import ModelConfigError, ViTConfig, config_type, families, family_of
 
-VIDEO_FAMILIES = ("videomamba",)  # families that read (B, C, T, H, W) clips
+
+def reads_clips(cfg: Any) -> bool:
+    """Whether a model of this config reads (B, C, T, H, W) clips: its config class says so (`reads_clips`)."""
+    return bool(getattr(type(cfg), "reads_clips", False))
+
+
+def clip_families() -> list[str]:
+    """The registered families whose models read clips (for messages)."""
+    return [name for name in families() if getattr(config_type(name), "reads_clips", False)]
 
 
 def time_steps(student_cfg: Any, frames: int | None, option: str) -> int:
     """Temporal tokens of the student's sequence: 1 for images, frames // tubelet for clips (RunError naming `option`
     when the student reads no clips, or the frames — one for an image — do not fill its tubelets)."""
-    family = family_of(student_cfg)
-    if family not in VIDEO_FAMILIES:
+    if not reads_clips(student_cfg):
         if frames is not None:
             raise RunError(
-                f"{option}: clips need a video student ({', '.join(VIDEO_FAMILIES)}), this one is a {family}"
+                f"{option}: clips need a video student ({', '.join(clip_families())}), "
+                f"this one is a {family_of(student_cfg)}"
             )
         return 1
     try:
@@ -50,7 +58,7 @@ def student_token_alignment(
     """For each position of the student's sequence, its token's position in the teacher sequence (images: the
     teacher's own; clips: the teacher clip sequence, see the module docstring), and whether it has one."""
     teacher = teacher_cfg.token_layout()
-    if family_of(student_cfg) not in VIDEO_FAMILIES:
+    if not reads_clips(student_cfg):
         return token_alignment(student_cfg.token_layout(), teacher)
     steps = time_steps(student_cfg, frames, "--data")
     one_step = token_alignment(student_cfg.token_layout(student_cfg.tubelet), teacher)  # checks the frame grid
@@ -70,7 +78,7 @@ def student_token_alignment(
 def student_scan_orders(student: nn.Module, frames: int | None = None) -> dict[str, torch.Tensor]:
     """The student's {direction: token visited at each step} for the sequence it reads (a video student on images
     reads one-frame clips)."""
-    if family_of(student.cfg) in VIDEO_FAMILIES:
+    if reads_clips(student.cfg):
         return student.scan_orders(frames or 1)
     return student.scan_orders()
 
@@ -85,8 +93,7 @@ class TeacherTargets:
     @classmethod
     def for_student(cls, teacher_cfg: ViTConfig, student_cfg: Any) -> TeacherTargets:
         """Targets a student of this config reads: a video student groups frames by its tubelet."""
-        video = family_of(student_cfg) in VIDEO_FAMILIES
-        return cls(teacher_cfg, student_cfg.tubelet if video else 1)
+        return cls(teacher_cfg, student_cfg.tubelet if reads_clips(student_cfg) else 1)
 
     def __call__(self, teacher: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if inputs.dim() == 4:
