@@ -3,7 +3,7 @@
 Importing the package registers every family (each model module registers itself where it is defined).
 """
 
-from tmconvert.models import plainmamba, videomamba, vim, vit  # noqa: F401  (registration)
+from tmconvert.models import plainmamba, videomamba, vim, vit, vmamba  # noqa: F401  (registration)
 from tmconvert.models.errors import ModelConfigError
 from tmconvert.models.plainmamba import PlainMamba, PlainMambaConfig
 from tmconvert.models.registry import (
@@ -21,6 +21,7 @@ from tmconvert.models.tokens import TokenLayout, resample_abs_pos_embed
 from tmconvert.models.videomamba import VideoMamba, VideoMambaConfig, inflate_image_kernel
 from tmconvert.models.vim import MambaOutput, VimConfig, VisionMamba
 from tmconvert.models.vit import VisionTransformer, ViTConfig, ViTOutput
+from tmconvert.models.vmamba import VMamba, VMambaConfig
 
 __all__ = [
     "MambaOutput",
@@ -28,6 +29,8 @@ __all__ = [
     "PlainMamba",
     "PlainMambaConfig",
     "TokenLayout",
+    "VMamba",
+    "VMambaConfig",
     "ViTConfig",
     "ViTOutput",
     "VideoMamba",

@@ -28,11 +28,12 @@ def test_builtin_names_and_families() -> None:
     vim = list_models("vim")
     assert {"deit-t", "deit-s", "deit-b", "deit-t-distilled", "deit-s-distilled", "deit-b-distilled"} <= set(vit)
     assert {"vim-t", "vim-s", "vim-b", "vim-t-stride8", "vim-s-stride8"} <= set(vim)
-    plain, video = list_models("plainmamba"), list_models("videomamba")
+    plain, video, vmamba = list_models("plainmamba"), list_models("videomamba"), list_models("vmamba")
     assert plain == ["plainmamba-l1", "plainmamba-l2", "plainmamba-l3"]
     assert video == ["videomamba-m", "videomamba-s", "videomamba-ti"]
-    assert families() == ["plainmamba", "videomamba", "vim", "vit"]
-    assert list_models() == sorted(vit + vim + plain + video)
+    assert vmamba == ["vmamba-b", "vmamba-s", "vmamba-t"]
+    assert families() == ["plainmamba", "videomamba", "vim", "vit", "vmamba"]
+    assert list_models() == sorted(vit + vim + plain + video + vmamba)
     assert all(isinstance(get_config(n), ViTConfig) for n in vit)
     assert all(isinstance(get_config(n), VimConfig) for n in vim)
     assert family_of(get_config("vim-b")) == "vim"
@@ -65,8 +66,8 @@ def test_vim_configs(name: str, dim: int) -> None:
 def test_unknown_name_lists_known_models() -> None:
     with pytest.raises(ModelConfigError, match=r"unknown model 'vim-xl'; known models: .*deit-t.*vim-t"):
         get_config("vim-xl")
-    with pytest.raises(ModelConfigError, match="unknown model family 'vmamba'"):
-        list_models("vmamba")
+    with pytest.raises(ModelConfigError, match="unknown model family 'mamba2'"):
+        list_models("mamba2")
 
 
 def test_build_model_dispatches_on_config_type() -> None:
