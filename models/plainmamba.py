@@ -22,7 +22,7 @@ import functools
 import itertools
 import math
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,8 @@ class PlainMambaConfig:
     every Linear, dt_proj included: weight ~ TN(0.02), bias 0); "mamba" keeps PlainMamba2D's constructor init for
     dt_proj (weight ~ U(+-dt_rank^-0.5 * dt_scale), softplus(bias) log-uniform in [dt_min, dt_max]).
     """
+
+    upstream_container: ClassVar[str] = "state_dict"  # mmcls (PlainMamba's classifier) reads `checkpoint['state_dict']`
 
     embed_dim: int = 192
     depth: int = 24

@@ -36,6 +36,7 @@ class VideoMambaConfig:
     """Shape hyper-parameters of a VideoMamba; defaults are videomamba_tiny at 8 frames of 224 px."""
 
     reads_clips: ClassVar[bool] = True  # its input is (B, C, T, H, W); a distiller asks the config, not the family name
+    upstream_container: ClassVar[str] = "model"  # OpenGVLab/VideoMamba reads `checkpoint['model']`
 
     embed_dim: int = 192
     depth: int = 24

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,8 @@ CLS_POSITIONS = ("middle", "front", "none")
 @dataclass(frozen=True)
 class VimConfig:
     """Shape and init hyper-parameters of a Vision Mamba; defaults are Vim-T (upstream constructor defaults)."""
+
+    upstream_container: ClassVar[str] = "model"  # hustvl/Vim reads `checkpoint['model']` (`--format upstream`)
 
     embed_dim: int = 192
     depth: int = 24

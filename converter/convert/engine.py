@@ -49,7 +49,7 @@ from tmconvert.converter.plan.plan import Plan, PlanEntry, SourceSide, TargetSid
 from tmconvert.converter.verify.numeric import VerificationError, VerifyReport, verify_converted
 from tmconvert.models import build_model, family_of
 
-# `upstream` adds the `.pth` the target family's upstream code loads (`modelfile.UPSTREAM_CONTAINERS`); `vim`, its
+# `upstream` adds the `.pth` the target family's upstream code loads (`modelfile.upstream_container`); `vim`, its
 # name from when ViM was the only target, is the same format.
 FORMATS = ("safetensors", "upstream", "vim")
 UPSTREAM_FORMATS = ("upstream", "vim")

@@ -9,7 +9,7 @@ time- or host-dependent goes in, so the same inputs give a byte-identical file. 
 a model's integer buffers (BatchNorm's `num_batches_tracked`) are stored as floats and cast back to the model's dtype
 when loaded. Beside it, `<stem>.config.json` (the sidecar) carries the same metadata for people and other tools, and
 `--format upstream` adds `<stem>.pth` holding the state dict in the container the family's upstream code loads
-(`UPSTREAM_CONTAINERS`), the model's own dtypes restored. All files of one model are written
+(the container its config names), the model's own dtypes restored. All files of one model are written
 atomically together (`files.atomic_files`): the weights appear last, nothing appears if anything fails, and a commit
 cut short by a signal or a crash is undone (by the process, or by the next write of the same file).
 
@@ -42,17 +42,15 @@ from tmconvert.converter.modelfile.safetensors import TensorSpec, write_safetens
 from tmconvert.models import ModelConfigError, config_type, family_of, state_dict_shapes
 
 FORMAT = "tmconvert"
-# The checkpoint container each family's upstream code loads a `.pth` from (`--format upstream`): hustvl/Vim and
-# OpenGVLab/VideoMamba read `checkpoint['model']`, mmcls (PlainMamba's classifier) `checkpoint['state_dict']`.
-UPSTREAM_CONTAINERS = {"vim": "model", "videomamba": "model", "plainmamba": "state_dict"}
 
 
 def upstream_container(family: str) -> str:
-    """The key the upstream `.pth` of a family holds its state dict under (ConfigError: no upstream layout known)."""
-    if family not in UPSTREAM_CONTAINERS:
-        known = ", ".join(sorted(UPSTREAM_CONTAINERS))
-        raise ConfigError(f"--format upstream: no upstream checkpoint layout is known for {family} (known: {known})")
-    return UPSTREAM_CONTAINERS[family]
+    """The key a family's upstream `.pth` holds its state dict under (`--format upstream`): its config class says
+    (`upstream_container`); ConfigError when it does not."""
+    container = getattr(config_type(family), "upstream_container", None)
+    if container is None:
+        raise ConfigError(f"--format upstream: no upstream checkpoint layout is known for {family}")
+    return container
 
 
 @dataclass(frozen=True)
