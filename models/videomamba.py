@@ -26,7 +26,16 @@ from tmconvert.models.errors import ModelConfigError
 from tmconvert.models.init import init_on_cpu_, seeded_generator
 from tmconvert.models.registry import register, register_family
 from tmconvert.models.tokens import TokenLayout
-from tmconvert.models.vim import VIM_DIRECTIONS, BiMambaMixer, Block, MambaOutput, RMSNorm, VimConfig
+from tmconvert.models.vim import (
+    VIM_DIRECTIONS,
+    BiMambaMixer,
+    Block,
+    MambaOutput,
+    RMSNorm,
+    VimConfig,
+    run_layers,
+    ssm_no_decay,
+)
 
 INFLATE_MODES = ("center", "average")
 
@@ -285,10 +294,7 @@ class VideoMamba(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """The embeddings (upstream's `no_weight_decay`) and every A_log / D (marked `_no_weight_decay` in the fork)."""
-        names = {"pos_embed", "cls_token", "temporal_pos_embedding"}
-        return names | {
-            n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in ("A_log", "A_b_log", "D", "D_b")
-        }
+        return {"pos_embed", "cls_token", "temporal_pos_embedding"} | ssm_no_decay(self)
 
     def _embed(self, video: torch.Tensor) -> torch.Tensor:
         """Clip or image -> (B, 1 + T' * P, D): cls + pos[0], then per time step its patches + pos + temporal."""
@@ -304,34 +310,25 @@ class VideoMamba(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(patches.shape[0], -1, -1)
         return torch.cat([cls, patches.flatten(1, 2)], dim=1)
 
-    def _residual_stream(self, video: torch.Tensor) -> torch.Tensor:
-        residual = self._embed(video)
-        if self.cfg.residual_in_fp32:
-            residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
-        return residual
-
     def forward_all(self, video: torch.Tensor, *, return_directions: bool = False) -> MambaOutput:
         """One pass returning logits, final normed tokens, the residual stream per layer, optional branch outputs."""
-        residual = self._residual_stream(video)
-        layer_tokens: list[torch.Tensor] = []
-        directions: list[dict[str, torch.Tensor]] = []
-        for layer in self.layers:
-            residual, branch_outputs = layer(residual, return_directions=return_directions)
-            layer_tokens.append(residual)
-            if return_directions:
-                directions.append(branch_outputs)
+        residual, layer_tokens, directions = run_layers(
+            self.layers,
+            self._embed(video),
+            self.cfg.residual_in_fp32,
+            collect=True,
+            return_directions=return_directions,
+        )
         final_tokens = self.norm_f(residual)
         return MambaOutput(
             logits=self.head(final_tokens[:, 0]),
             final_tokens=final_tokens,
             layer_tokens=layer_tokens,
-            directions=directions if return_directions else None,
+            directions=directions,
         )
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        residual = self._residual_stream(video)
-        for layer in self.layers:
-            residual, _ = layer(residual)
+        residual, _, _ = run_layers(self.layers, self._embed(video), self.cfg.residual_in_fp32)
         return self.head(self.norm_f(residual)[:, 0])
 
 

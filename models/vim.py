@@ -253,6 +253,8 @@ class ScanDirection:
 
 
 VIM_DIRECTIONS = (ScanDirection("fwd", "", reverse=False), ScanDirection("bwd", "_b", reverse=True))
+# A_log / D of every direction: upstream trains them without weight decay
+_NO_DECAY_LEAVES = frozenset(d.param_name(role) for d in VIM_DIRECTIONS for role in ("A_log", "D"))
 
 
 class RMSNorm(nn.Module):
@@ -481,10 +483,7 @@ class VisionMamba(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters upstream trains without weight decay: embeddings, A_log / D of every direction."""
-        names = {"pos_embed", "cls_token"} & {n for n, _ in self.named_parameters()}
-        return names | {
-            n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in ("A_log", "A_b_log", "D", "D_b")
-        }
+        return ({"pos_embed", "cls_token"} & {n for n, _ in self.named_parameters()}) | ssm_no_decay(self)
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images)
@@ -496,22 +495,19 @@ class VisionMamba(nn.Module):
 
     def forward_all(self, images: torch.Tensor, *, return_directions: bool = False) -> MambaOutput:
         """One pass returning logits, final normed tokens, the residual stream per layer, optional branch outputs."""
-        residual = self._embed(images)
-        if self.cfg.residual_in_fp32:
-            residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
-        layer_tokens: list[torch.Tensor] = []
-        directions: list[dict[str, torch.Tensor]] = []
-        for layer in self.layers:
-            residual, branch_outputs = layer(residual, return_directions=return_directions)
-            layer_tokens.append(residual)
-            if return_directions:
-                directions.append(branch_outputs)
+        residual, layer_tokens, directions = run_layers(
+            self.layers,
+            self._embed(images),
+            self.cfg.residual_in_fp32,
+            collect=True,
+            return_directions=return_directions,
+        )
         final_tokens = self.norm_f(residual)
         return MambaOutput(
             logits=self._head(final_tokens),
             final_tokens=final_tokens,
             layer_tokens=layer_tokens,
-            directions=directions if return_directions else None,
+            directions=directions,
         )
 
     def _head(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -520,12 +516,37 @@ class VisionMamba(nn.Module):
         return self.head(pooled)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        residual = self._embed(images)
-        if self.cfg.residual_in_fp32:
-            residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
-        for layer in self.layers:
-            residual, _ = layer(residual)
+        residual, _, _ = run_layers(self.layers, self._embed(images), self.cfg.residual_in_fp32)
         return self._head(self.norm_f(residual))
+
+
+def run_layers(
+    layers: Sequence[Block],
+    embedded: torch.Tensor,
+    residual_in_fp32: bool,
+    *,
+    collect: bool = False,
+    return_directions: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[dict[str, torch.Tensor]] | None]:
+    """The residual stream through a stack of ViM layers (ViM's and VideoMamba's): the last residual, with `collect`
+    the stream after every layer, with `return_directions` every layer's branch outputs (else None)."""
+    residual = embedded
+    if residual_in_fp32:
+        residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
+    layer_tokens: list[torch.Tensor] = []
+    directions: list[dict[str, torch.Tensor]] = []
+    for layer in layers:
+        residual, branch_outputs = layer(residual, return_directions=return_directions)
+        if collect:
+            layer_tokens.append(residual)
+        if return_directions:
+            directions.append(branch_outputs)
+    return residual, layer_tokens, directions if return_directions else None
+
+
+def ssm_no_decay(model: nn.Module) -> set[str]:
+    """Every A_log / D of the ViM mixers in `model`: upstream trains them without weight decay."""
+    return {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in _NO_DECAY_LEAVES}
 
 
 @torch.no_grad()
