@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tmconvert.converter.checkpoint import open_checkpoint
+from tmconvert.converter.convert import fit
 from tmconvert.converter.convert.engine import ConvertRequest, convert
 from tmconvert.converter.data.calibration import calibration_batches
 from tmconvert.converter.modelfile.converted import load_converted
@@ -59,7 +60,10 @@ def main() -> None:
     p.add_argument("--runs", nargs="+", required=True, help="MAPPING:CALIB (CALIB: a --calib spec, N, or none)")
     p.add_argument("--eval", default="fashion-mnist[1000:1064]", help="held-out images (a --data spec)")
     p.add_argument("--score", default="magnitude")
+    p.add_argument("--residue", type=float, default=None, help="fitted layers' residue (default: fit.RESIDUE)")
     args = p.parse_args()
+    if args.residue is not None:  # an ablation of the shipped constant, read by fit_layers at call time
+        fit.RESIDUE = args.residue
     cfg = open_checkpoint(args.teacher).config
     if args.img_size:
         cfg = dataclasses.replace(cfg, img_size=(args.img_size, args.img_size))
@@ -86,6 +90,7 @@ def main() -> None:
             row = {
                 "mapping": mapping,
                 "calib": calib or "none",
+                "residue": fit.RESIDUE,
                 "target": args.target,
                 "eval": args.eval,
                 "convert_s": round(seconds, 1),

@@ -309,15 +309,17 @@ def fit_layers(
     target_cfg: object,
     *,
     seed: int = 0,
-    residue: float = RESIDUE,
+    residue: float | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, torch.Tensor]:
     """Every tensor of every fitted layer (`layers.{j}.*`, float32), solved on `batches` of teacher-ready images.
 
     Up to three passes over the images (inputs; the attention layers' mixing weights, when there are any; out_proj),
     each a teacher forward up to the last fitted block; statistics only are kept between batches. Then the weights
-    the structure leaves dead get `residue` x their ViM init (`_Solver.add_residue`, drawn from `seed`).
+    the structure leaves dead get `residue` (default `RESIDUE`) x their ViM init (`_Solver.add_residue`, drawn from
+    `seed`).
     """
+    residue = RESIDUE if residue is None else residue
     patch = teacher.cfg.patch_size
     height, width = batches[0].shape[-2:]
     layout = teacher.cfg.token_layout((height // patch, width // patch))
