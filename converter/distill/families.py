@@ -12,6 +12,13 @@ of those k frames' tokens), then, when the teacher has a cls, the frames' mean c
 p), at `frame_patch_indices()[t, p]`, pairs with teacher position t·N + (the teacher's index of patch p); the
 student's cls (at 0) pairs with the frames' mean cls: the clip-level summary the student's head reads, and for one
 frame exactly the image pairing. Teacher dist and register tokens are unused, as for images.
+
+Hierarchical students (VMamba; a config with `block_stages()`): blocks are numbered over all stages (`layer_tokens`
+and `directions` are per block), so a pair is (student block, teacher block) and `even` spreads the teacher's blocks
+over all the student's blocks in order, exactly as for a plain stack (VMamba-T's 2+2+8+2 blocks against 12: blocks
+0-4, 6-11 and 13). Each block's four cross-scans sit on its stage's grid at its stage's width: a pair gets its own
+projector (E_s → D) and a common grid with the teacher's patch tokens (`grids.py`, `loss.grid`); the teacher's cls
+has no counterpart.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ import torch
 from torch import nn
 
 from tmconvert.converter.distill.errors import RunError
-from tmconvert.converter.distill.loss import token_alignment
+from tmconvert.converter.distill.grids import common_grid
+from tmconvert.converter.distill.loss import FeatureAlignment, GridFeatureAlignment, PairedAlignment, token_alignment
+from tmconvert.converter.distill.recipe import LossRecipe
 from tmconvert.models import ModelConfigError, ViTConfig, config_type, families, family_of
 
 
@@ -50,6 +59,92 @@ def time_steps(student_cfg: Any, frames: int | None, option: str) -> int:
         return student_cfg.time_steps(frames or 1)  # images are one-frame clips
     except ModelConfigError as exc:
         raise RunError(f"{option}: {exc}") from None
+
+
+def is_hierarchical(cfg: Any) -> bool:
+    """Whether the student's blocks sit on stages of different grids and widths (its config has `block_stages()`)."""
+    return callable(getattr(cfg, "block_stages", None))
+
+
+def student_depth(cfg: Any) -> int:
+    """The student's pairable layers: its blocks over all stages for a hierarchical student, else its layers."""
+    return len(cfg.block_stages()) if is_hierarchical(cfg) else cfg.depth
+
+
+def pair_table(
+    student_cfg: Any, teacher_cfg: ViTConfig, pairs: list[tuple[int, int]], grid: str
+) -> list[dict[str, Any]]:
+    """Per pair of a hierarchical student: its stage, the stage grid and width, the teacher grid and width, and the
+    common grid the tokens meet on (`grids.common_grid`; a `GridError` naming `loss.grid` when they cannot)."""
+    stages, grids = student_cfg.block_stages(), student_cfg.stage_grids()
+    teacher_grid = tuple(teacher_cfg.token_layout().grid)
+    rows = []
+    for layer, block in pairs:
+        stage = stages[layer]
+        rows.append(
+            {
+                "layer": layer,
+                "block": block,
+                "stage": stage,
+                "student_grid": list(grids[stage]),
+                "student_width": student_cfg.d_inner(stage),
+                "teacher_grid": list(teacher_grid),
+                "teacher_width": teacher_cfg.embed_dim,
+                "common_grid": list(common_grid(tuple(grids[stage]), teacher_grid, grid)),
+            }
+        )
+    return rows
+
+
+def check_feature_pairs(
+    student_cfg: Any, teacher_cfg: ViTConfig, pairs: list[tuple[int, int]], frames: int | None, grid: str
+) -> list[dict[str, Any]] | None:
+    """Whether the feature loss can pair these tokens (before anything is written): single-grid students need the
+    teacher's patch grid; a hierarchical student's pairs need a common grid. Returns the pair table of a
+    hierarchical student (None for the others)."""
+    if is_hierarchical(student_cfg):
+        return pair_table(student_cfg, teacher_cfg, pairs, grid)
+    student_token_alignment(student_cfg, teacher_cfg, frames)
+    return None
+
+
+def feature_alignment(
+    student: nn.Module, teacher_cfg: ViTConfig, pairs: list[tuple[int, int]], frames: int | None, spec: LossRecipe
+) -> PairedAlignment:
+    """The recipe's feature alignment for this student (projectors drawn from torch's current RNG)."""
+    options = {
+        "projector": spec.projector,
+        "adaptive": spec.adaptive,
+        "multi_directional": spec.multi_directional,
+        "min_similarity": spec.min_similarity,
+    }
+    cfg = student.cfg
+    if is_hierarchical(cfg):
+        teacher = teacher_cfg.token_layout()
+        stages = cfg.block_stages()
+        return GridFeatureAlignment(
+            pairs,
+            [stages[layer] for layer, _ in pairs],
+            stage_grids=cfg.stage_grids(),
+            stage_widths=[cfg.d_inner(s) for s in range(cfg.num_stages)],
+            stage_orders=[student.scan_orders(s) for s in range(cfg.num_stages)],
+            common_orders=lambda grid: student.scan_orders(grid=grid),
+            teacher_grid=teacher.grid,
+            teacher_patches=teacher.patch_indices,
+            teacher_width=teacher_cfg.embed_dim,
+            grid=spec.grid,
+            **options,
+        )
+    index, valid = student_token_alignment(cfg, teacher_cfg, frames)
+    return FeatureAlignment(
+        pairs,
+        student_scan_orders(student, frames),
+        index,
+        valid,
+        student_width=cfg.d_inner,
+        teacher_width=teacher_cfg.embed_dim,
+        **options,
+    )
 
 
 def student_token_alignment(

@@ -5,7 +5,9 @@ every scan direction m, the direction's branch output (B, L, E), in its own scan
 the teacher width and is compared token by token, by cosine similarity, with the teacher's block-b output tokens put in
 the same scan order. Token order is generic: teacher positions are first mapped to the student's layout (teacher cls
 at 0, ViM cls in the middle; patches by raster position), then permuted by the direction's `scan_orders()` entry,
-so ViM's forward/reversed pair, VMamba's four cross-scans or PlainMamba's zig-zags need no code here.
+so ViM's forward/reversed pair or PlainMamba's zig-zags need no code here (`FeatureAlignment`). A hierarchical
+student (VMamba: four stages on grids 56/28/14/7 at 224 px) pairs each block's four cross-scans with the teacher's
+patch tokens on a common grid, pooled or interpolated (`GridFeatureAlignment`, `grids.py`).
 
 Layer-wise adaptive weights: with c_i the mean cosine of pair i (detached, clamped to `min_similarity` so a layer
 at or below zero similarity gets the largest weight instead of a negative or infinite one),
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tmconvert.converter.distill.errors import RunError
+from tmconvert.converter.distill.grids import GridMatch, common_grid
 from tmconvert.models import TokenLayout
 
 PROJECTOR_KINDS = ("auto", "identity", "pad", "linear", "mlp")
@@ -124,12 +127,68 @@ class AlignmentOutput:
     weights: dict[str, torch.Tensor]  # direction -> (pairs,) the weights applied
 
 
-class FeatureAlignment(nn.Module):
-    """Adaptive multi-directional alignment of student branch outputs with teacher block outputs.
+class PairedAlignment(nn.Module):
+    """What every student's alignment shares: the (student layer, teacher block) pairs, the directions aligned, one
+    projector per pair (student width → teacher width, shared by the directions: they are branches of one mixer and
+    are summed into the same `out_proj`, so they live in one space), and the adaptive weighting in `forward`.
+    Subclasses say how a pair's tokens meet (`similarities`)."""
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[int, int]],
+        directions: Sequence[str],
+        student_widths: Sequence[int],
+        teacher_width: int,
+        *,
+        projector: str,
+        adaptive: bool,
+        multi_directional: bool,
+        min_similarity: float,
+    ):
+        super().__init__()
+        if not pairs:
+            raise RunError("feature alignment needs at least one (student layer, teacher block) pair")
+        self.pairs = [(int(s), int(t)) for s, t in pairs]
+        names = list(directions)
+        self.directions = names if multi_directional else names[:1]
+        self.adaptive, self.min_similarity = adaptive, min_similarity
+        self.projectors = nn.ModuleList(make_projector(projector, width, teacher_width) for width in student_widths)
+
+    def similarities(
+        self, student_directions: Sequence[Mapping[str, torch.Tensor]], teacher_layers: Sequence[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Per direction, the (pairs,) mean token cosines (with gradient)."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        student_directions: Sequence[Mapping[str, torch.Tensor]],
+        teacher_layers: Sequence[torch.Tensor],
+        reduce: Reduce | None = None,
+    ) -> AlignmentOutput:
+        """`student_directions[layer][name]`: (B, L, E) in scan order; `teacher_layers[block]`: (B, T, D).
+
+        `reduce` averages the detached similarities over processes before the weights are computed, so every
+        rank applies the same weights, the ones a single process would compute from the whole global batch.
+        """
+        losses, sims_out, weights_out = [], {}, {}
+        for name, sims in self.similarities(student_directions, teacher_layers).items():
+            observed = sims.detach()
+            if reduce is not None:
+                observed = reduce(observed)
+            uniform = torch.ones_like(observed)
+            weights = adaptive_weights(observed, self.min_similarity) if self.adaptive else uniform
+            losses.append((weights * (1.0 - sims)).mean())
+            sims_out[name], weights_out[name] = observed, weights
+        return AlignmentOutput(torch.stack(losses).mean(), sims_out, weights_out)
+
+
+class FeatureAlignment(PairedAlignment):
+    """Adaptive multi-directional alignment of student branch outputs with teacher block outputs, for students whose
+    every layer reads one token sequence (ViM, PlainMamba, VideoMamba).
 
     `pairs` are (student layer, teacher block); `scan_orders` is the student's {direction: (L,) token visited at
-    each step}; `token_index` / `token_valid` come from `token_alignment`. One projector per pair, shared by the
-    directions: they are branches of one mixer and are summed into the same `out_proj`, so they live in one space.
+    each step}; `token_index` / `token_valid` come from `token_alignment`.
     """
 
     def __init__(
@@ -146,14 +205,16 @@ class FeatureAlignment(nn.Module):
         multi_directional: bool = True,
         min_similarity: float = 0.05,
     ):
-        super().__init__()
-        if not pairs:
-            raise RunError("feature alignment needs at least one (student layer, teacher block) pair")
-        self.pairs = [(int(s), int(t)) for s, t in pairs]
-        names = list(scan_orders)
-        self.directions = names if multi_directional else names[:1]
-        self.adaptive, self.min_similarity = adaptive, min_similarity
-        self.projectors = nn.ModuleList(make_projector(projector, student_width, teacher_width) for _ in self.pairs)
+        super().__init__(
+            pairs,
+            list(scan_orders),
+            [student_width] * len(pairs),
+            teacher_width,
+            projector=projector,
+            adaptive=adaptive,
+            multi_directional=multi_directional,
+            min_similarity=min_similarity,
+        )
         all_valid = bool(token_valid.all())
         self._masked = not all_valid
         for name in self.directions:
@@ -166,21 +227,14 @@ class FeatureAlignment(nn.Module):
         """(B, T, D) teacher tokens → (B, L, D): position j holds the teacher token the student visits at step j."""
         return teacher_tokens.index_select(1, getattr(self, f"gather_{direction}"))
 
-    def forward(
-        self,
-        student_directions: Sequence[Mapping[str, torch.Tensor]],
-        teacher_layers: Sequence[torch.Tensor],
-        reduce: Reduce | None = None,
-    ) -> AlignmentOutput:
-        """`student_directions[layer][name]`: (B, L, E) in scan order; `teacher_layers[block]`: (B, T, D).
-
-        `reduce` averages the detached similarities over processes before the weights are computed, so every
-        rank applies the same weights, the ones a single process would compute from the whole global batch.
-        """
-        losses, sims_out, weights_out = [], {}, {}
+    def similarities(
+        self, student_directions: Sequence[Mapping[str, torch.Tensor]], teacher_layers: Sequence[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Per direction, the (pairs,) mean token cosines (with gradient)."""
+        out = {}
         for name in self.directions:
             valid = getattr(self, f"valid_{name}") if self._masked else None
-            sims = torch.stack(
+            out[name] = torch.stack(
                 [
                     masked_token_cosine(
                         projector(student_directions[s_layer][name]),
@@ -190,14 +244,78 @@ class FeatureAlignment(nn.Module):
                     for projector, (s_layer, t_block) in zip(self.projectors, self.pairs, strict=True)
                 ]
             )
-            observed = sims.detach()
-            if reduce is not None:
-                observed = reduce(observed)
-            uniform = torch.ones_like(observed)
-            weights = adaptive_weights(observed, self.min_similarity) if self.adaptive else uniform
-            losses.append((weights * (1.0 - sims)).mean())
-            sims_out[name], weights_out[name] = observed, weights
-        return AlignmentOutput(torch.stack(losses).mean(), sims_out, weights_out)
+        return out
+
+
+class GridFeatureAlignment(PairedAlignment):
+    """The same loss for a hierarchical student (VMamba): each pair's student block sits on its stage's grid and
+    width, so each pair has its own projector width and its own `GridMatch` (`grids.py`: both grids brought to a
+    common one by pooling or interpolation, tokens in each direction's scan order there).
+
+    `stages[i]` is the stage of pair i's student block; `stage_grids[s]`, `stage_widths[s]` (its scan outputs'
+    width E_s) and `stage_orders[s]` ({direction: (L_s,) raster token of each step}) describe stage s;
+    `common_orders(grid)` gives the scan orders on any grid (the model's own `scan_orders`).
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[int, int]],
+        stages: Sequence[int],
+        *,
+        stage_grids: Sequence[tuple[int, int]],
+        stage_widths: Sequence[int],
+        stage_orders: Sequence[Mapping[str, torch.Tensor]],
+        common_orders: Callable[[tuple[int, int]], Mapping[str, torch.Tensor]],
+        teacher_grid: tuple[int, int],
+        teacher_patches: Sequence[int],
+        teacher_width: int,
+        grid: str,
+        projector: str = "auto",
+        adaptive: bool = True,
+        multi_directional: bool = True,
+        min_similarity: float = 0.05,
+    ):
+        stages = [int(stage) for stage in stages]
+        super().__init__(
+            pairs,
+            list(stage_orders[0]),
+            [stage_widths[stage] for stage in stages],
+            teacher_width,
+            projector=projector,
+            adaptive=adaptive,
+            multi_directional=multi_directional,
+            min_similarity=min_similarity,
+        )
+        self.stages = stages
+        patches = torch.tensor(list(teacher_patches), dtype=torch.long)
+        matches = {}
+        for stage in sorted(set(self.stages)):
+            orders = {name: stage_orders[stage][name] for name in self.directions}
+            common = common_grid(tuple(stage_grids[stage]), tuple(teacher_grid), grid)
+            common_order = {name: common_orders(common)[name] for name in self.directions}
+            matches[str(stage)] = GridMatch(stage_grids[stage], orders, teacher_grid, patches, common_order, grid)
+        self.matches = nn.ModuleDict(matches)
+
+    def teacher_in_scan_order(self, teacher_tokens: torch.Tensor, direction: str, stage: int = 0) -> torch.Tensor:
+        """(B, T, D) teacher tokens → (B, L_c, D) on stage `stage`'s common grid, in `direction`'s scan order there."""
+        match = self.matches[str(stage)]
+        return match.teacher_in_scan_order(teacher_tokens, match.teacher_common(teacher_tokens), direction)
+
+    def similarities(
+        self, student_directions: Sequence[Mapping[str, torch.Tensor]], teacher_layers: Sequence[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        commons: dict[tuple[int, int], torch.Tensor | None] = {}  # a teacher block resampled once per stage
+        for stage, (_, t_block) in zip(self.stages, self.pairs, strict=True):
+            if (stage, t_block) not in commons:
+                commons[stage, t_block] = self.matches[str(stage)].teacher_common(teacher_layers[t_block])
+        out: dict[str, list[torch.Tensor]] = {name: [] for name in self.directions}
+        for projector, stage, (s_layer, t_block) in zip(self.projectors, self.stages, self.pairs, strict=True):
+            match = self.matches[str(stage)]
+            for name in self.directions:
+                student = match.student_in_scan_order(student_directions[s_layer][name], name, projector)
+                teacher = match.teacher_in_scan_order(teacher_layers[t_block], commons[stage, t_block], name)
+                out[name].append(masked_token_cosine(student, teacher, None))
+        return {name: torch.stack(sims) for name, sims in out.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,11 +341,11 @@ class DistillationLoss(nn.Module):
         feature: float,
         label_smoothing: float = 0.1,
         temperature: float = 2.0,
-        alignment: FeatureAlignment | None = None,
+        alignment: PairedAlignment | None = None,
     ):
         super().__init__()
         if feature > 0 and alignment is None:
-            raise ValueError("a feature weight > 0 needs a FeatureAlignment")
+            raise ValueError("a feature weight > 0 needs a feature alignment")
         self.task, self.kd, self.feature = task, kd, feature
         self.label_smoothing, self.temperature = label_smoothing, temperature
         self.alignment = alignment if feature > 0 else None

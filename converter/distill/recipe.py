@@ -36,6 +36,8 @@ from tmconvert.converter.yamlfile import YamlDocument, read_yaml
 
 FORMAT_VERSION = 1
 PROJECTORS = ("auto", "identity", "pad", "linear", "mlp")
+GRID_MATCHES = ("pool", "interpolate")  # how a hierarchical student's stage grid meets the teacher's (grids.py)
+DEFAULT_GRID_MATCH = "interpolate"
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 Pair = tuple[NonNegativeInt, NonNegativeInt]
@@ -70,6 +72,7 @@ class LossRecipe(_Section):
     projector: Literal[PROJECTORS] = "auto"
     min_similarity: Annotated[float, Field(gt=0.0, le=1.0)] = 0.05
     pairs: Literal["plan", "even"] | list[Pair] = "plan"
+    grid: Literal[GRID_MATCHES] = DEFAULT_GRID_MATCH  # hierarchical students (VMamba) only: see grids.py
 
 
 class DataRecipe(_Section):
@@ -127,11 +130,13 @@ class Recipe(_Section):
     run: RunRecipe = RunRecipe()
 
     def to_json(self) -> dict[str, Any]:
-        """The recipe as JSON; the `align` section only when the phase is on, so a run without it records (and
-        fingerprints) exactly what it did before the phase existed."""
+        """The recipe as JSON; the `align` section only when the phase is on, and `loss.grid` only when it is not
+        the default, so a run without them records (and fingerprints) exactly what it did before they existed."""
         data = self.model_dump(mode="json")
         if not self.align.steps:
             del data["align"]
+        if self.loss.grid == DEFAULT_GRID_MATCH:
+            del data["loss"]["grid"]  # likewise for runs from before hierarchical students
         return data
 
     def to_yaml(self) -> str:

@@ -1,13 +1,14 @@
 """The distillation run: inputs checked up front, the training loop, checkpoints, resume, the distilled output.
 
 `prepare_run` locks the run folder (one run per folder), loads the teacher, the student (a tmconvert model file of any
-Mamba family — ViM, PlainMamba, VideoMamba — or a registry name for a from-scratch baseline whose geometry and classes
-follow the teacher), the data (images, or clips for a video student: `families.py`) and the layer
-pairing, and checks that they fit together and that the run folder may be written — all before anything but the
-lock is written. `run_distillation` then trains, and releases the lock: first, when `align.steps` > 0, the
-layer-wise alignment phase (`align.py`, global steps 1..align.steps), then distillation (the next `steps` steps) with
-its own fresh optimizer and schedule. Both phases share one data stream, one step loop (`_PhaseLoop`: logging,
-checkpoints, stop conditions in global steps) and the run files; a checkpoint records its phase.
+Mamba family — ViM, PlainMamba, VideoMamba, VMamba — or a registry name for a from-scratch baseline whose geometry
+and classes follow the teacher), the data (images, or clips for a video student: `families.py`) and the layer
+pairing (for a hierarchical student, where each pair's grids meet: `grids.py`), and checks that they fit together
+and that the run folder may be written — all before anything but the lock is written. `run_distillation` then
+trains, and releases the lock: first, when `align.steps` > 0, the layer-wise alignment phase (`align.py`, global
+steps 1..align.steps), then distillation (the next `steps` steps) with its own fresh optimizer and schedule. Both
+phases share one data stream, one step loop (`_PhaseLoop`: logging, checkpoints, stop conditions in global steps)
+and the run files; a checkpoint records its phase.
 
 The run folder's files are `runfiles.py`'s. A fresh run that fails before its first checkpoint removes what it
 wrote, and a folder holding no checkpoint or student (a run killed before its first checkpoint) is started over by a
@@ -44,7 +45,7 @@ from tmconvert.converter.data.preprocess import InputSpec, Preprocess
 from tmconvert.converter.data.sources import ImageSource, open_source
 from tmconvert.converter.distill.align import AlignmentPlan, AlignmentTrainer, AlignStep, plan_alignment
 from tmconvert.converter.distill.errors import RunError
-from tmconvert.converter.distill.families import TeacherTargets, student_token_alignment, time_steps
+from tmconvert.converter.distill.families import TeacherTargets, check_feature_pairs, student_depth, time_steps
 from tmconvert.converter.distill.loss import LossOutput
 from tmconvert.converter.distill.processes import DistContext
 from tmconvert.converter.distill.recipe import LoadedRecipe, Recipe
@@ -104,6 +105,7 @@ class PreparedRun:
     dist: DistContext  # the processes and device the run was prepared for, and trains on
     alignment: AlignmentPlan | None = None  # what the alignment phase aligns (align.steps > 0)
     resume_state: dict[str, Any] | None = None  # the checkpoint to continue from (--resume), fingerprint checked
+    pair_grids: list[dict[str, Any]] | None = None  # a hierarchical student's pairs: stage, grids, widths
     lock: RunLock | None = None  # rank 0's hold on the run folder, until run_distillation ends
 
 
@@ -168,7 +170,7 @@ def student_metadata(
     base = {k: v for k, v in prepared.student_metadata.items() if k != "distill"}
     base.update(header_fields(base.get("target", prepared.student_origin), cfg))
     base["input"] = prepared.input_spec.to_json()
-    base.setdefault("layer_plan", [{"layer": j, "block": None} for j in range(cfg.depth)])
+    base.setdefault("layer_plan", [{"layer": j, "block": None} for j in range(student_depth(cfg))])
     base["distill"] = {
         "teacher": prepared.request.teacher.name,
         "teacher_sha256": prepared.fingerprint_parts["teacher_sha256"],
@@ -308,9 +310,10 @@ def _prepare(request: DistillRequest, dist: DistContext, paths: RunPaths) -> Pre
     notes = _check_fit(teacher_cfg, stored_cfg, recipe, source)
     if steps_per_epoch(len(source), recipe.batch_size // dist.world, dist.world) == 0:
         raise RunError(f"--data {request.data}: {len(source)} images do not make one batch of {recipe.batch_size}")
-    pairs = resolve_pairs(recipe.loss.pairs, student_metadata, stored_cfg.depth, teacher_cfg.depth)
-    if recipe.loss.feature > 0:
-        student_token_alignment(stored_cfg, teacher_cfg, frames)  # grids must match
+    pairs = resolve_pairs(recipe.loss.pairs, student_metadata, student_depth(stored_cfg), teacher_cfg.depth)
+    pair_grids = None
+    if recipe.loss.feature > 0:  # grids must match, or (hierarchical students) meet on a common grid
+        pair_grids = check_feature_pairs(stored_cfg, teacher_cfg, pairs, frames, recipe.loss.grid)
     alignment = None
     if recipe.align.steps > 0:
         if family_of(stored_cfg) != "vim":
@@ -353,6 +356,7 @@ def _prepare(request: DistillRequest, dist: DistContext, paths: RunPaths) -> Pre
         notes=notes,
         alignment=alignment,
         resume_state=resume_state,
+        pair_grids=pair_grids,
     )
 
 
@@ -453,7 +457,7 @@ class DistillResult:
 def _run_record(prepared: PreparedRun, dist: DistContext, amp: bool, cuda_graph: bool) -> dict[str, Any]:
     request = prepared.request
     alignment = prepared.alignment
-    return {
+    record = {
         "fingerprint": prepared.fingerprint,
         "fingerprint_parts": prepared.fingerprint_parts,
         "teacher": str(request.teacher),
@@ -479,6 +483,9 @@ def _run_record(prepared: PreparedRun, dist: DistContext, amp: bool, cuda_graph:
         "tmconvert_version": __version__,
         "torch_version": torch.__version__,
     }
+    if prepared.pair_grids is not None:  # a hierarchical student: where each pair's tokens meet
+        record["pair_grids"] = {"match": prepared.recipe.loss.grid, "pairs": prepared.pair_grids}
+    return record
 
 
 def _log_values(out: LossOutput, dist: DistContext) -> tuple[float, dict[str, float]]:

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from tmconvert.converter.distill.families import TeacherTargets, student_scan_orders, student_token_alignment
-from tmconvert.converter.distill.loss import DistillationLoss, FeatureAlignment, LossOutput
+from tmconvert.converter.distill.families import TeacherTargets, feature_alignment
+from tmconvert.converter.distill.loss import DistillationLoss, LossOutput
 from tmconvert.converter.distill.processes import DistContext
 from tmconvert.converter.distill.recipe import Recipe
 from tmconvert.converter.errors import ConfigError
@@ -25,7 +25,7 @@ from tmconvert.models import VisionTransformer, ViTConfig
 
 class StudentWithLoss(nn.Module):
     """The trainable part (student + projectors) as one module, so DistributedDataParallel syncs both. The student
-    is any Mamba family with `forward_all(inputs, return_directions=)` (ViM, PlainMamba, VideoMamba)."""
+    is any Mamba family with `forward_all(inputs, return_directions=)` (ViM, PlainMamba, VideoMamba, VMamba)."""
 
     def __init__(self, student: nn.Module, loss: DistillationLoss):
         super().__init__()
@@ -54,21 +54,7 @@ def build_loss(
     """The recipe's loss for this student/teacher pair on images (`frames` None) or clips of `frames` frames
     (projectors drawn from torch's current RNG)."""
     spec = recipe.loss
-    alignment = None
-    if spec.feature > 0:
-        index, valid = student_token_alignment(student.cfg, teacher_cfg, frames)
-        alignment = FeatureAlignment(
-            pairs,
-            student_scan_orders(student, frames),
-            index,
-            valid,
-            student_width=student.cfg.d_inner,
-            teacher_width=teacher_cfg.embed_dim,
-            projector=spec.projector,
-            adaptive=spec.adaptive,
-            multi_directional=spec.multi_directional,
-            min_similarity=spec.min_similarity,
-        )
+    alignment = feature_alignment(student, teacher_cfg, pairs, frames, spec) if spec.feature > 0 else None
     return DistillationLoss(
         task=spec.task,
         kd=spec.kd,
