@@ -238,7 +238,9 @@ def iter_target_tensors(
 
     for entry in entries:
         once = _OncePerEntry(load)
-        ops_ctx = OpContext(configs, plan.index_sets, lambda s, b: selection[s][b], entry.block, load=once)
+        ops_ctx = OpContext(
+            configs, plan.index_sets, lambda s, b: selection[s][b], entry.block, load=once, stage=entry.stage
+        )
         ctx = EvalContext(once, default, ops_ctx, meta=False, fitted=(fitted or {}).__getitem__)
         tensor = evaluate(entry.node, ctx, Region(entry.name, entry.shape))
         yield entry.name, tensor.to(dtypes.storable(entry.dtype).torch).contiguous()

@@ -98,8 +98,8 @@ def referenced_sets(mapping: LoadedMapping) -> dict[str, list[str]]:
                 for expr, path in iter_exprs(root, root_path):
                     if isinstance(expr, FromExpr):
                         for i, op in enumerate(expr.ops):
-                            for name in op.referenced_sets():
-                                out.setdefault(name, []).append(f"{path}.ops[{i}]")
+                            for name in op.referenced_sets():  # `residual@-1`: a stage of `residual`
+                                out.setdefault(name.partition("@")[0], []).append(f"{path}.ops[{i}]")
                     elif isinstance(expr, FitExpr):
                         for name in FITS[expr.fit].sets:
                             out.setdefault(name, []).append(f"{path}.fit")

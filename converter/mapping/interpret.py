@@ -156,7 +156,8 @@ class FailedIndexSetError(Exception):
 
 
 class OpContext:
-    """`ops.ResolveContext` for one target tensor: config references, and index sets at the tensor's block."""
+    """`ops.ResolveContext` for one target tensor: config references, and index sets at the tensor's block (and, for
+    sets chosen per stage of a hierarchical student, at its stage)."""
 
     def __init__(
         self,
@@ -166,6 +167,7 @@ class OpContext:
         block: int | None,
         failed: frozenset[str] = frozenset(),
         load: Callable[[str], torch.Tensor] | None = None,
+        stage: int | None = None,
     ):
         self.configs = configs
         self.sets = sets
@@ -173,6 +175,7 @@ class OpContext:
         self.block = block
         self.failed = failed
         self.load = load
+        self.stage = stage
 
     def source(self, name: str) -> torch.Tensor:
         if self.load is None:
@@ -191,25 +194,52 @@ class OpContext:
             raise ValueError(f"{value} is not set for this {side} ({type(config).__name__}.{attr} is None)")
         return resolved
 
-    def _set(self, name: str) -> IndexSetSpec:
-        if name in self.failed:
-            raise FailedIndexSetError(name)
-        if name not in self.sets:
-            known = ", ".join(self.sets) or "none declared"
+    def _key(self, name: str) -> str:
+        """The resolved set a rule's set name means for this tensor: the set itself, or, for a set chosen per stage,
+        `name@S` of the tensor's stage (a name may say `name@S` itself; S = -1 is the last stage)."""
+        base, at, where = name.partition("@")
+        if base in self.failed:
+            raise FailedIndexSetError(base)
+        if not at and name in self.sets:
+            return name
+        stages = sorted(int(k.rpartition("@")[2]) for k in self.sets if k.rpartition("@")[0] == base)
+        if not stages:
+            known = ", ".join(dict.fromkeys(k.partition("@")[0] for k in self.sets)) or "none declared"
+            if at and base in self.sets:
+                raise ValueError(f"index set {base!r} is one set for every stage: write {base!r}, not {name!r}")
             raise ValueError(f"unknown index set {name!r} (index_sets: {known})")
-        return self.sets[name]
+        if at:
+            try:
+                stage = int(where)
+            except ValueError:
+                raise ValueError(f"index set {name!r}: `@` takes a stage number (-1: the last)") from None
+            stage = stage + len(stages) if stage < 0 else stage
+        elif self.stage is None:
+            raise ValueError(
+                f"index set {base!r} is chosen per stage and this tensor is in none: name its stage, {base}@S "
+                "(-1: the last)"
+            )
+        else:
+            stage = self.stage
+        if f"{base}@{stage}" not in self.sets:
+            raise ValueError(f"index set {base!r} has stages {stages[0]}-{stages[-1]}, not {where or stage}")
+        return f"{base}@{stage}"
+
+    def _set(self, name: str) -> tuple[str, IndexSetSpec]:
+        key = self._key(name)
+        return key, self.sets[key]
 
     def index(self, set_name: str) -> torch.Tensor:
-        spec = self._set(set_name)
+        key, spec = self._set(set_name)
         if spec.per == "block" and self.block is None:
             raise ValueError(f"index set {set_name!r} is chosen per teacher block, but this rule has no block")
-        return self.selection(set_name, self.block if spec.per == "block" else None)
+        return self.selection(key, self.block if spec.per == "block" else None)
 
     def set_full(self, set_name: str) -> int:
-        return self._set(set_name).full
+        return self._set(set_name)[1].full
 
     def set_ratio(self, set_name: str) -> float:
-        spec = self._set(set_name)
+        spec = self._set(set_name)[1]
         return spec.full / spec.keep
 
 
@@ -314,6 +344,17 @@ def _whole_tensor(node: InitNode | FitNode, ctx: EvalContext, whole: tuple[int, 
         raise RuleError(f"{node.path}.init", str(exc)) from None
 
 
+def _extent(node: Node, ctx: EvalContext, region: Region, dim: int) -> int | None:
+    """How long an undeclared part is along `dim` when its source parts say: a concat along another dim is as long
+    as its source parts (so `[source rows ; init]` along dim 1, then `init` rows below it, needs no `size:`)."""
+    if isinstance(node, SourceNode):
+        tensor = evaluate(node, ctx, region)
+        return tensor.shape[dim] if tensor.dim() > dim else None
+    if isinstance(node, ConcatNode) and node.size is None and node.dim % len(region.shape) != dim:
+        return next((n for p in node.parts if (n := _extent(p, ctx, region, dim)) is not None), None)
+    return None
+
+
 def _evaluate_concat(node: ConcatNode, ctx: EvalContext, region: Region) -> torch.Tensor:
     ndim = len(region.shape)
     if not -ndim <= node.dim < ndim:
@@ -323,6 +364,8 @@ def _evaluate_concat(node: ConcatNode, ctx: EvalContext, region: Region) -> torc
     evaluated: dict[int, torch.Tensor] = {}
     for i, part in enumerate(node.parts):
         declared = _resolve_size(part, ctx)
+        if declared is None and isinstance(part, ConcatNode):
+            declared = _extent(part, ctx, region, dim)
         if isinstance(part, SourceNode):
             tensor = evaluate(part, ctx, region)
             if tensor.dim() != ndim:

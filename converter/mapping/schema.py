@@ -39,7 +39,7 @@ INITIALISERS = tuple(ops_mod.INITS)
 SCORE_SIGNALS = ("residual", "mlp_hidden", "attn_value")
 SUBLAYERS = ("attn", "mlp")  # the two residual sub-layers of a teacher block, in order
 
-_TARGET_PLACEHOLDERS = {"layer"}
+_TARGET_PLACEHOLDERS = {"layer", "stage"}
 _SOURCE_PLACEHOLDERS = {"layer", "block"}
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _REF = re.compile(ops_mod.REF_PATTERN)
@@ -63,6 +63,9 @@ class IndexSet(_Model):
     )
     per: Literal["model", "block"] = Field("model", description="one set for the whole model, or one per block")
     score: Literal[SCORE_SIGNALS] = Field(description="which teacher signal ranks the entries")
+
+    # A `keep` (or `full`) that resolves to one width per stage (`target.dims`) makes one set per stage of a
+    # hierarchical student, `<name>@<stage>`; a rule in stage s reads its own, `<name>@S` names one (-1: the last).
 
 
 class OpCall(_Model):
@@ -257,6 +260,14 @@ class Mapping(_Model):
             raise ValueError(f"unknown target family {family!r}; mappings convert into: {', '.join(known)}")
         return family
 
+    @field_validator("index_sets")
+    @classmethod
+    def _set_names(cls, sets: dict[str, IndexSet]) -> dict[str, IndexSet]:
+        for name in sets:
+            if "@" in name:
+                raise ValueError(f"index set {name!r}: `@` is kept for naming a stage's set (`residual@2`)")
+        return sets
+
     @field_validator("tensors", "rest", "identity_rest", "layer_defaults")
     @classmethod
     def _patterns(cls, rules: dict[str, Rule]) -> dict[str, Rule]:
@@ -306,16 +317,17 @@ def _check_placeholders(template: str, allowed: set[str]) -> None:
 
 @dataclass(frozen=True)
 class Pattern:
-    """A target-name pattern: `{layer}` matches a layer index, `*` any non-empty run of characters."""
+    """A target-name pattern: `{layer}` matches a layer index, `{stage}` a stage index (a hierarchical student's
+    `layers.{stage}.blocks.{layer}`: `{layer}` is then the block within the stage), `*` any non-empty run."""
 
     text: str
 
     @functools.cached_property
     def regex(self) -> re.Pattern[str]:
         out, pos = [], 0
-        for m in re.finditer(r"\{layer\}|\*", self.text):
+        for m in re.finditer(r"\{layer\}|\{stage\}|\*", self.text):
             out.append(re.escape(self.text[pos : m.start()]))
-            out.append(r"(?P<layer>\d+)" if m.group() == "{layer}" else r".+")
+            out.append(rf"(?P<{m.group()[1:-1]}>\d+)" if m.group() != "*" else r".+")
             pos = m.end()
         out.append(re.escape(self.text[pos:]))
         return re.compile("".join(out) + r"\Z")

@@ -1,7 +1,8 @@
 """The conversion plan: a mapping resolved against one source and one target, as data.
 
 `build_plan` binds every target tensor (from the target model's meta state dict, the one source of truth for target
-names and shapes) to exactly one mapping rule, fills the `{layer}` / `{block}` placeholders from the layer plan, and
+names and shapes) to exactly one mapping rule, fills the `{layer}` / `{block}` placeholders from the layer plan (a
+hierarchical target, whose config has per-stage `depths`, names its layers `{stage}` and `{layer}`), and
 propagates shapes by evaluating each expression on `meta` tensors with `evaluate` — the very function the engine runs
 on real tensors. The result prints as a table (`--dry-run`), serialises to JSON (`--json`), and is what the engine
 executes. Problems are collected, not raised one by one, so `tmconvert check` can report all of them.
@@ -100,7 +101,8 @@ class TargetSide:
 @dataclass(frozen=True)
 class IndexSetPlan:
     """An index set resolved for this pair: `keep` of `full` entries, ranked by the teacher signal `score`, chosen
-    once for the model (`blocks` = (None,)) or once per teacher block the layer plan uses."""
+    once for the model (`blocks` = (None,)) or once per teacher block the layer plan uses. A set declared with one
+    width per stage resolves to one plan per stage, named `<set>@<stage>` (its blocks: those its stage inherits)."""
 
     name: str
     full: int
@@ -128,6 +130,7 @@ class PlanEntry:
     block: int | None
     expr: str  # `describe` of the node with config references resolved
     note: str = ""
+    stage: int | None = None  # the stage of a hierarchical target the tensor belongs to (its per-stage index sets)
 
     @property
     def sources(self) -> list[str]:
@@ -223,7 +226,12 @@ class Plan:
         masks: dict[str, torch.Tensor] = {}
         for entry in self.entries:
             ops_ctx = OpContext(
-                configs, self.index_sets, _placeholder_selection(self.index_sets), entry.block, load=self._meta_load
+                configs,
+                self.index_sets,
+                _placeholder_selection(self.index_sets),
+                entry.block,
+                load=self._meta_load,
+                stage=entry.stage,
             )
             for node, _ in walk(entry.node):
                 if not isinstance(node, SourceNode):
@@ -293,9 +301,10 @@ class _Problems:
 
 
 def _resolve_index_sets(
-    mapping: LoadedMapping, configs: dict[str, Any], layers: LayerPlan, problems: _Problems
+    mapping: LoadedMapping, configs: dict[str, Any], layers: LayerPlan, problems: _Problems, warnings: list[str]
 ) -> tuple[dict[str, IndexSetPlan], frozenset[str]]:
-    """The declared index sets that resolve, and the names of those that do not (each reported once here)."""
+    """The declared index sets that resolve, and the names of those that do not (each reported once here). A stage
+    wider than the teacher that an `upto` set fills is worth a warning: part of that stage is not the teacher's."""
     sets: dict[str, IndexSetPlan] = {}
     ctx = OpContext(configs, {}, None, None)
     for name, spec in mapping.mapping.index_sets.items():
@@ -305,22 +314,49 @@ def _resolve_index_sets(
         except ValueError as exc:
             problems.add(path, str(exc))
             continue
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (full, keep)):
+        staged = isinstance(full, (tuple, list)) or isinstance(keep, (tuple, list))
+        if staged:  # one width per stage of a hierarchical student
+            if len(layers.stages) < 2:
+                problems.add(path, f"gives one width per stage ({spec.full}, {spec.keep}), and this target has none")
+                continue
+            fulls, keeps = (list(v) if isinstance(v, (tuple, list)) else [v] * len(layers.stages) for v in (full, keep))
+            if len(fulls) != len(layers.stages) or len(keeps) != len(layers.stages):
+                problems.add(path, f"needs one width per stage ({len(layers.stages)}), got {full!r} and {keep!r}")
+                continue
+            widths = {f"{name}@{s}": (f, k) for s, (f, k) in enumerate(zip(fulls, keeps, strict=True))}
+        else:
+            widths = {name: (full, keep)}
+        if not all(isinstance(v, int) and not isinstance(v, bool) for pair in widths.values() for v in pair):
             problems.add(path, f"full and keep must resolve to integers, got {full!r} and {keep!r}")
             continue
-        keep -= spec.reserve  # the student's room, less the channels the rules set aside
-        if spec.upto:
-            keep = min(keep, full)
-        if keep <= 0 or keep > full:
+        planned, refused = {}, []
+        for key, (full_s, keep_s) in widths.items():
+            keep_s -= spec.reserve  # the student's room, less the channels the rules set aside
+            if spec.upto and keep_s > full_s:
+                if staged:
+                    warnings.append(
+                        f"index set {key}: stage {key.rpartition('@')[2]} has {keep_s} places and the teacher "
+                        f"{full_s} entries ({spec.full}); it keeps them all, and the mapping's fill parts make the rest"
+                    )
+                keep_s = full_s
+            if keep_s <= 0 or keep_s > full_s:
+                where = f"stage {key.rpartition('@')[2]} " if staged else ""
+                refused.append(f"{where}keeps {keep_s} ({spec.keep}) of {full_s} ({spec.full}) entries")
+                continue
+            stage = int(key.rpartition("@")[2]) if staged else None
+            blocks = layers.used_blocks(stage) if spec.per == "block" else (None,)
+            planned[key] = IndexSetPlan(key, full_s, keep_s, spec.per, spec.score, tuple(blocks))
+        if refused:
+            wider = "a stage wider than the teacher" if staged else "a student wider than the teacher"
             problems.add(
                 path,
-                f"keeps {keep} ({spec.keep}) of {full} ({spec.full}) entries: a student wider than the teacher "
-                "cannot be subcloned (use a teacher at least as wide, or `upto: true` with a fill part)",
+                f"{'; '.join(refused)}: {wider} cannot be subcloned (use a teacher at least as wide, or "
+                "`upto: true` with a fill part)",
             )
             continue
-        blocks = layers.used_blocks() if spec.per == "block" else (None,)
-        sets[name] = IndexSetPlan(name, full, keep, spec.per, spec.score, tuple(blocks))
-    return sets, frozenset(mapping.mapping.index_sets) - frozenset(sets)
+        sets.update(planned)
+    resolved = {key.partition("@")[0] for key in sets}
+    return sets, frozenset(mapping.mapping.index_sets) - frozenset(resolved)
 
 
 def _check_requires(mapping: LoadedMapping, configs: dict[str, Any]) -> list[PlanProblem]:
@@ -381,7 +417,8 @@ _DIGITS = re.compile(r"\d+")
 
 class _RuleIndex:
     """One section's rules, found for a target name in time independent of how many there are: literal names and
-    `{layer}` templates by dictionary (a name's digit runs are tried as the layer), only `*` patterns by regex."""
+    `{layer}` templates by dictionary (a name's digit runs are tried as the layer), `*` and `{stage}` patterns by
+    regex."""
 
     def __init__(self, section: str, rules: dict[str, Rule]):
         self.paths = [f"{section}.{p}" for p in rules]  # declaration order
@@ -389,7 +426,7 @@ class _RuleIndex:
         self._scanned: list[tuple[int, Pattern, str, Rule]] = []
         for order, (text, rule) in enumerate(rules.items()):
             path = f"{section}.{text}"
-            if "*" in text or re.search(r"\d\{layer\}|\{layer\}\d", text):  # not a whole digit run: ask the regex
+            if "*" in text or "{stage}" in text or re.search(r"\d\{layer\}|\{layer\}\d", text):  # ask the regex
                 self._scanned.append((order, Pattern(text), path, rule))
             else:
                 self._by_text[text] = (order, path, rule)
@@ -436,11 +473,20 @@ def build_plan(
             f"not {source_family} -> {target_family}"
         )
     configs = {"source": source.config, "target": target.config}
-    layer_plan = plan_layers(layers, source.config.depth, target.config.depth, interleaved=bool(spec.sublayers))
+    stages = tuple(getattr(target.config, "depths", ()))  # a hierarchical target's blocks per stage
+    if spec.sublayers and stages:
+        raise MappingError(
+            f"{mapping.where('sublayers')}: sub-layer interleaving feeds one stack of layers; "
+            f"{target.name} has {len(stages)} stages"
+        )
+    layer_plan = plan_layers(
+        layers, source.config.depth, target.config.depth, interleaved=bool(spec.sublayers), stages=stages
+    )
     problems = _Problems()
     for problem in _check_requires(mapping, configs):
         problems.add(problem.path, problem.message)
-    index_sets, failed_sets = _resolve_index_sets(mapping, configs, layer_plan, problems)
+    set_warnings: list[str] = []
+    index_sets, failed_sets = _resolve_index_sets(mapping, configs, layer_plan, problems, set_warnings)
     planner = _Planner(configs, index_sets, failed_sets, source, dtype, problems, layer_plan)
 
     sections = {section: _RuleIndex(section, rules) for section, rules in spec.rule_sections().items()}
@@ -451,8 +497,9 @@ def build_plan(
 
     for name, shape in target.shapes.items():
         found = {s: rules.matching(name) for s, rules in sections.items()}
-        layer = next((m["layer"] for s in found.values() for _, _, m in s if "layer" in m), None)
-        if layer is None and not any(found.values()) and (number := _LAYER_NUMBER.search(name)):
+        binding = next((m for s in found.values() for _, _, m in s if m), {})
+        layer, stage = _place(binding, layer_plan)
+        if layer is None and not any(found.values()) and (number := _LAYER_NUMBER.search(name)) and not stages:
             layer = int(number.group())  # no rule at all: still say which section lacks one
         is_rest = layer is not None and layer_plan.blocks[layer] is None
         globals_ = [c for c in found["tensors"] if "layer" not in c[2]]
@@ -479,7 +526,7 @@ def build_plan(
             continue
         rule_path, rule, _ = candidates[0]
         block = layer_plan.blocks[layer] if layer is not None else None
-        entry = planner.entry(name, shape, rule, rule_path, layer, block)
+        entry = planner.entry(name, shape, rule, rule_path, layer, block, stage)
         if entry is not None:
             entries.append(entry)
             used_sources.update(entry.sources)
@@ -500,9 +547,21 @@ def build_plan(
         dropped=[n for n in source.shapes if n not in used_sources],
         options={"layers": layer_plan.effective, "identity_rest": identity_rest, "dtype": dtype, **(options or {})},
         problems=problems.list(),
-        warnings=list(layer_plan.warnings),
+        warnings=[*layer_plan.warnings, *set_warnings],
         unused_rules=unused,
     )
+
+
+def _place(binding: dict[str, int], layers: LayerPlan) -> tuple[int | None, int | None]:
+    """(student layer, stage) of a tensor matched with `binding`: `{stage}` and `{layer}` name block `layer` of a
+    stage (a layer numbered over all stages), `{stage}` alone a stage's own tensors (e.g. its downsampling)."""
+    stage = binding.get("stage")
+    if "layer" not in binding:
+        return None, stage
+    if stage is None:
+        where = layers.position(binding["layer"])
+        return binding["layer"], None if where is None else where[0]
+    return layers.layer_at(stage, binding["layer"]), stage
 
 
 class _Planner:
@@ -528,10 +587,19 @@ class _Planner:
         return torch.empty(self.source.shapes[name], device="meta")
 
     def entry(
-        self, name: str, shape: tuple[int, ...], rule: Rule, rule_path: str, layer: int | None, block: int | None
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        rule: Rule,
+        rule_path: str,
+        layer: int | None,
+        block: int | None,
+        stage: int | None = None,
     ) -> PlanEntry | None:
         """The plan entry for target `name` made by `rule` (None, with the problem recorded, when it fails)."""
-        ops = OpContext(self.configs, self.index_sets, self.placeholder, block, self.failed_sets, self._meta_load)
+        ops = OpContext(
+            self.configs, self.index_sets, self.placeholder, block, self.failed_sets, self._meta_load, stage
+        )
         ctx = EvalContext(self._meta_load, lambda _n: torch.empty(0), ops, True)
         expr, expr_path, note = rule.expr, rule_path, ""
         if rule.when is not None:
@@ -560,7 +628,7 @@ class _Planner:
             return None
         expr_text = describe(node, ctx.ops.ref)
         return PlanEntry(
-            name, tuple(shape), rule.dtype or self.dtype, kind, rule_path, node, layer, block, expr_text, note
+            name, tuple(shape), rule.dtype or self.dtype, kind, rule_path, node, layer, block, expr_text, note, stage
         )
 
     def _fit_sources(self, node: Node, layer: int | None) -> Node:
