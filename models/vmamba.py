@@ -32,7 +32,8 @@ tokens after `classifier.norm`, and per block the four scan outputs ys_k (B, L_s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,9 @@ class VMambaConfig:
 
     `dims` may be given as one int d (upstream's `dims=int`): stage s then has width d * 2**s.
     """
+
+    # MzeroMiko/VMamba classification (Swin's `load_checkpoint`) reads `checkpoint['model']` (`--format upstream`)
+    upstream_container: ClassVar[str] = "model"
 
     dims: tuple[int, ...] = (96, 192, 384, 768)
     depths: tuple[int, ...] = (2, 2, 8, 2)
@@ -119,6 +123,21 @@ class VMambaConfig:
     def num_stages(self) -> int:
         return len(self.depths)
 
+    @property
+    def depth(self) -> int:
+        """Blocks over all stages (the converter's student depth; `depths` says how they split into stages)."""
+        return sum(self.depths)
+
+    @property
+    def d_inners(self) -> tuple[int, ...]:
+        """SS2D's inner width E_s of every stage (mapping files reference it as `target.d_inners`)."""
+        return tuple(self.d_inner(s) for s in range(self.num_stages))
+
+    @property
+    def mlp_hiddens(self) -> tuple[int, ...]:
+        """The block MLP's hidden width of every stage (`target.mlp_hiddens`)."""
+        return tuple(self.mlp_hidden(s) for s in range(self.num_stages))
+
     def d_inner(self, stage: int) -> int:
         return int(self.ssm_ratio * self.dims[stage])
 
@@ -137,6 +156,17 @@ class VMambaConfig:
     def token_layout(self, stage: int = 0) -> TokenLayout:
         grid = self.stage_grids()[stage]
         return TokenLayout(grid=grid, cls_index=None, patch_indices=tuple(range(grid[0] * grid[1])))
+
+    def for_teacher(
+        self, *, img_size: tuple[int, int], patch_size: int, in_chans: int, num_classes: int, class_token: bool
+    ) -> VMambaConfig:
+        """This VMamba reading a ViT teacher's images and predicting its classes (the converter's target adaptation).
+
+        Only the images and classes follow the teacher: the stem always patches by 4 (then each stage halves the
+        grid), so a /16 teacher's grid is the third stage's, whatever `patch_size` says. Pooling is always the mean
+        of the last stage's tokens, with or without the teacher's cls token (`class_token`).
+        """
+        return replace(self, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
 
 
 def _half(n: int) -> int:

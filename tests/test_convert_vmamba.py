@@ -1,0 +1,167 @@
+"""Image ViT -> VMamba (`mappings/vit-vmamba.yaml`): the mapping on every pair it lists, the per-stage layer plan,
+per-stage residual sets and a stage wider than the teacher, and a tiny teacher converted end to end (every tensor
+once, inherited tensors equal to the teacher's subcloned slices, deterministic, strict reload, finite forward)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests._ckpt_factory import make_vit_state_dict, write_checkpoint
+from tests._students import REPO
+from tmconvert.converter.cli import main
+from tmconvert.converter.convert.engine import ConversionResult, ConvertRequest, convert
+from tmconvert.converter.lint.mappings import check_mapping, plan_for_names
+from tmconvert.converter.mapping.files import default_mapping_for, load_mapping
+from tmconvert.converter.modelfile.converted import load_converted
+from tmconvert.converter.plan.layers import plan_layers, split_over_stages
+from tmconvert.models import ViTConfig, build_model, registry
+from tmconvert.models.vmamba import VMamba, VMambaConfig
+
+MAPPING = REPO / "mappings" / "vit-vmamba.yaml"
+TINY = VMambaConfig(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), ssm_ratio=1.0, d_state=1)  # stage 3 > the teacher
+TEACHER_CFG = ViTConfig(embed_dim=64, depth=4, num_heads=2, mlp_hidden=256, patch_size=4, img_size=(32, 32))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[ConversionResult, dict[str, torch.Tensor], Path]:
+    """The tiny teacher converted into the tiny VMamba (registered for this module only)."""
+    folder = tmp_path_factory.mktemp("vmamba")
+    state = make_vit_state_dict(TEACHER_CFG, seed=3)
+    src = write_checkpoint(state, folder / "teacher.safetensors")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(registry._REGISTRY, "vmamba-tiny", TINY)
+        request = ConvertRequest(source=src, target="vmamba-tiny", out=folder / "a.safetensors", format="upstream")
+        result = convert(_unverified(request))
+        again = convert(_unverified(dataclasses.replace(request, out=folder / "b.safetensors")))
+    assert again.paths.weights.read_bytes() == result.paths.weights.read_bytes()  # determinism
+    return result, state, src
+
+
+def _unverified(request: ConvertRequest) -> ConvertRequest:
+    # verify/numeric.py pairs one token layout and one width per student; VMamba's stages need its own pairing
+    return dataclasses.replace(request, verify=False)
+
+
+def test_mapping_checks_on_every_pair_it_supports() -> None:
+    loaded = load_mapping(MAPPING)
+    pairs, problems = check_mapping(loaded)
+    assert problems == []
+    assert pairs == [tuple(pair) for pair in loaded.mapping.supports] and len(pairs) == 10
+    assert {default_mapping_for(f"vmamba-{s}").name for s in "tsb"} == {MAPPING.name}
+
+
+def test_teacher_blocks_share_out_over_the_stages() -> None:
+    assert split_over_stages(12, (2, 2, 8, 2)) == (2, 2, 7, 1)
+    assert split_over_stages(12, (2, 2, 15, 2)) == (1, 1, 9, 1)
+    assert split_over_stages(20, (2, 2, 8, 2)) == (2, 2, 8, 2)
+    plan = plan_layers(None, 12, 14, stages=(2, 2, 8, 2))
+    assert plan.blocks == (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, None, 11, None)
+    assert plan.effective == 12 and plan.label(12) == "stage 3 block 0" and plan.used_blocks(2) == tuple(range(4, 11))
+    rows = plan.to_json()
+    assert rows[12] == {"layer": 12, "block": 11, "stage": 3, "stage_block": 0}
+    assert rows[11] == {"layer": 11, "block": None, "stage": 2, "stage_block": 7}
+    four = plan_layers(4, 12, 14, stages=(2, 2, 8, 2))  # --layers 4: the first four teacher blocks
+    assert four.blocks == (0, None, 1, None, 2, 3, *[None] * 8)
+    spread = plan_layers(21, 12, 21, stages=(2, 2, 15, 2))  # more student blocks than teacher blocks: spread
+    assert spread.blocks[:4] == (0, 0, 1, 1) and spread.blocks[-1] == 11 and None not in spread.blocks
+
+
+def test_per_stage_index_sets_and_a_stage_wider_than_the_teacher() -> None:
+    plan = plan_for_names(load_mapping(MAPPING), "deit-s", "vmamba-t")
+    assert plan.problems == []
+    sets = {name: (s.keep, s.full, s.blocks) for name, s in plan.index_sets.items()}
+    assert [sets[f"residual@{s}"][:2] for s in range(4)] == [(96, 384), (192, 384), (384, 384), (384, 384)]
+    assert sets["value@2"] == (384, 384, tuple(range(4, 11))) and sets["hidden@0"] == (384, 1536, (0, 1))
+    assert any(w.startswith("index set residual@3: stage 3 has 768 places and the teacher 384") for w in plan.warnings)
+    rows = {e.name: e for e in plan.entries}
+    wide = rows["layers.3.blocks.0.mlp.fc1.weight"]
+    assert (wide.shape, wide.kind, wide.block, wide.stage) == ((3072, 768), "partial", 11, 3)
+    assert "set=residual@-1" in rows["classifier.head.weight"].expr
+    assert rows["layers.2.blocks.7.op.in_proj.weight"].expr == "init:default"  # a rest block
+
+
+def test_a_stage_wider_than_the_teacher_is_refused_without_upto(tmp_path: Path) -> None:
+    text = MAPPING.read_text().replace('default_for: [vmamba-t, vmamba-s, vmamba-b, "*"]', "")
+    text = text.replace("    upto: true  # a stage wider than the teacher: all D, the rest upstream init\n", "")
+    variant = tmp_path / "strict.yaml"
+    variant.write_text(text)
+    plan = plan_for_names(load_mapping(variant), "deit-s", "vmamba-t")
+    (problem,) = [p for p in plan.problems if p.path == "index_sets.residual"]
+    assert problem.message.startswith("stage 3 keeps 768 (target.dims) of 384 (source.embed_dim) entries: a stage")
+    assert plan_for_names(load_mapping(variant), "deit-b", "vmamba-t").problems == []
+
+
+def test_tiny_teacher_converts_every_tensor_once_and_reloads_strict(tiny) -> None:
+    result, _, _ = tiny
+    names = [e.name for e in result.plan.entries]
+    expected = build_model(result.plan.target.config, device="meta").state_dict()
+    assert sorted(names) == sorted(expected) and len(set(names)) == len(names)
+    cfg, state, metadata = load_converted(result.paths.weights)
+    assert cfg == result.plan.target.config and cfg.img_size == (32, 32) and cfg.num_classes == 1000
+    VMamba(cfg, device="meta").load_state_dict(state, strict=True, assign=True)
+    upstream = torch.load(result.paths.pth, map_location="cpu", weights_only=True)
+    assert set(upstream) == {"model"} and set(upstream["model"]) == set(state)  # VMamba's `checkpoint['model']`
+    assert [(r["stage"], r["stage_block"], r["block"]) for r in metadata["layer_plan"]] == [
+        (0, 0, 0),
+        (1, 0, 1),
+        (2, 0, 2),
+        (2, 1, None),
+        (3, 0, 3),
+    ]
+    model = build_model(cfg)
+    model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        out = model.eval().forward_all(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert out.logits.shape == (2, 1000) and bool(torch.isfinite(out.logits).all())
+    assert [t.shape[-1] for t in out.layer_tokens] == [16, 32, 64, 64, 128]
+
+
+def test_inherited_tensors_are_the_teachers_subcloned_slices(tiny) -> None:
+    result, teacher, _ = tiny
+    student = load_file(result.paths.weights)
+    sel = result.selection
+    r0, r1, r3 = (sel[f"residual@{s}"][None] for s in (0, 1, 3))
+    assert len(r0) == 16 and len(r1) == 32 and set(r0.tolist()) <= set(r1.tolist())  # one ranking: nested sets
+    assert r3.tolist() == list(range(64))  # stage 3 (128) is wider than the teacher (64): all of it, then init
+    value, hidden = sel["value@1"][1], sel["hidden@1"][1]
+    block = "layers.1.blocks.0."
+    torch.testing.assert_close(student[block + "norm.weight"], teacher["blocks.1.norm1.weight"][r1])
+    torch.testing.assert_close(student[block + "norm2.bias"], teacher["blocks.1.norm2.bias"][r1])
+    v_rows = teacher["blocks.1.attn.qkv.weight"][128:192][value][:, r1] * (64 / 32) ** 0.5
+    torch.testing.assert_close(student[block + "op.in_proj.weight"], v_rows)
+    proj = teacher["blocks.1.attn.proj.weight"][r1][:, value] * (64 / 32) ** 0.5
+    torch.testing.assert_close(student[block + "op.out_proj.weight"], proj)
+    torch.testing.assert_close(student[block + "mlp.fc1.bias"], teacher["blocks.1.mlp.fc1.bias"][hidden])
+    fc2 = teacher["blocks.1.mlp.fc2.weight"][r1][:, hidden] * (256 / 128) ** 0.5
+    torch.testing.assert_close(student[block + "mlp.fc2.weight"], fc2)
+    # the wide stage: the teacher's channels first, VMamba's upstream init for the rest
+    default = build_model(result.plan.target.config, seed=0).state_dict()
+    norm = student["layers.3.blocks.0.norm2.weight"]
+    torch.testing.assert_close(norm[:64], teacher["blocks.3.norm2.weight"])
+    torch.testing.assert_close(norm[64:], default["layers.3.blocks.0.norm2.weight"][64:])
+    fc1 = student["layers.3.blocks.0.mlp.fc1.weight"]
+    torch.testing.assert_close(fc1[:256, :64], teacher["blocks.3.mlp.fc1.weight"])
+    torch.testing.assert_close(fc1[256:], default["layers.3.blocks.0.mlp.fc1.weight"][256:])
+    torch.testing.assert_close(fc1[:256, 64:], default["layers.3.blocks.0.mlp.fc1.weight"][:256, 64:])
+    torch.testing.assert_close(student["classifier.norm.weight"][:64], teacher["norm.weight"])
+    torch.testing.assert_close(student["classifier.head.weight"][:, :64], teacher["head.weight"])
+    rest = "layers.2.blocks.1.op.in_proj.weight"  # teacher depth 4, student 5: one block starts from upstream init
+    torch.testing.assert_close(student[rest], default[rest])
+
+
+def test_dry_run_shows_the_stage_plan(tmp_path: Path, capsys) -> None:
+    src = write_checkpoint(make_vit_state_dict(TEACHER_CFG, seed=1), tmp_path / "teacher.safetensors")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(registry._REGISTRY, "vmamba-tiny", TINY)
+        assert main([str(src), "--to", "vmamba-tiny", "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["target"]["family"] == "vmamba" and plan["mapping"]["name"] == "vit-vmamba"
+    assert plan["layers"][4] == {"layer": 4, "block": 3, "stage": 3, "stage_block": 0}
+    assert plan["index_sets"]["residual@3"]["keep"] == 64
+    assert "pos_embed" in plan["dropped_why"]
