@@ -87,6 +87,13 @@ def test_pair_table_pairs_every_block_in_order_and_names_the_grids():
     ] * 2
 
 
+def test_the_recorded_recipe_names_the_grid_match_only_when_it_is_not_the_default():
+    assert "grid" not in Recipe().to_json()["loss"]  # runs from before VMamba keep their fingerprints
+    pool = Recipe.model_validate({"loss": {"grid": "pool"}})
+    assert pool.to_json()["loss"]["grid"] == "pool" and pool.fingerprint_view() != Recipe().fingerprint_view()
+    assert Recipe.model_validate(pool.to_json()) == pool
+
+
 def test_pooling_and_interpolation_of_known_grids():
     ramp = torch.arange(16.0).view(1, 16, 1)  # raster value p on a 4x4 grid
     torch.testing.assert_close(resample(ramp, (4, 4), (2, 2), "pool").flatten(), torch.tensor([2.5, 4.5, 10.5, 12.5]))
@@ -239,7 +246,8 @@ def test_from_scratch_vmamba_distils_writes_a_loadable_student_and_evaluates(tea
         assert all(math.isfinite(record[k]) for k in ("loss", "task", "kd", "feature"))
     first, last = records[0], records[-1]
     assert last["feature"] < first["feature"] - 0.05 and last["loss"] < first["loss"]
-    assert min(last["similarities"]["row"]) > max(first["similarities"]["row"]) - 0.2
+    first_cos, last_cos = (sum(sum(v) for v in r["similarities"].values()) / 16 for r in (first, last))
+    assert last_cos > first_cos + 0.05  # measured: +0.21 (pool), +0.13 (interpolate)
 
     meta = read_metadata(result.paths.student)
     assert meta["family"] == "vmamba" and meta["distill"]["pairs"] == [[0, 0], [1, 1], [2, 2], [4, 3]]
