@@ -262,3 +262,22 @@ def test_from_scratch_vmamba_distils_writes_a_loadable_student_and_evaluates(tea
     report = json.loads(capsys.readouterr().out)
     assert report["family"] == "vmamba" and report["images"] == 24
     assert 0.0 <= report["top1"] <= 1.0 and math.isfinite(report["loss"])
+
+
+def test_a_converted_vmamba_pairs_by_its_layer_plan(teacher_file, tmp_path):
+    """A student converted by `mappings/vit-vmamba.yaml`: its layer plan numbers blocks over all stages, as the
+    distillation does; a block no teacher block fed (block null) is not paired."""
+    from tmconvert.converter.convert.engine import ConvertRequest, convert
+
+    out = tmp_path / "student.safetensors"
+    with _registered(**{NAME: STUDENT}):
+        convert(ConvertRequest(source=teacher_file, target=NAME, out=out, verify=False, num_heads=2))
+    plan = read_metadata(out)["layer_plan"]
+    expected = [(e["layer"], e["block"]) for e in plan if e["block"] is not None]
+    assert [e["stage"] for e in plan] == [0, 1, 2, 2, 3] and len(expected) >= 2
+    loaded = recipe(tmp_path, [*SHORT, "loss.grid=pool"], steps=2, batch_size=8)
+    prepared = prepare_run(request(teacher_file, out, "synthetic:8", tmp_path / "run", loaded))
+    assert prepared.pairs == expected
+    result = run_distillation(prepared)
+    assert result.finished and all(math.isfinite(r["feature"]) for r in _records(result))
+    assert read_metadata(result.paths.student)["layer_plan"] == plan
