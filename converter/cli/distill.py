@@ -1,5 +1,5 @@
 """`tmconvert distill TEACHER STUDENT --data D --out DIR`: stage 2, distil a converted (or from-scratch) Mamba
-(ViM, PlainMamba, VideoMamba on images or clips).
+(ViM, PlainMamba, VMamba on images; VideoMamba on images or clips).
 
 Progress goes to stderr: a live bar per phase (`align` when the recipe aligns layers first, then `distill`) with the
 loss parts, per-layer cosines or adaptive weights, img/s and ETA on a terminal, one line per log step otherwise

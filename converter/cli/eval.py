@@ -1,8 +1,8 @@
 """`tmconvert eval MODEL --data D`: top-1 / top-5 accuracy and mean loss of any teacher or student checkpoint.
 
-A model written by tmconvert (converted or distilled: ViM, PlainMamba, VideoMamba) loads through `load_converted`,
-anything else through the ViT readers; a registry name (`plainmamba-l1`) is that model freshly initialised (seed 0),
-the chance-level baseline. Images are preprocessed as the model expects: its input size, and the normalisation
+A model written by tmconvert (converted or distilled: ViM, PlainMamba, VideoMamba, VMamba) loads through
+`load_converted`, anything else through the ViT readers; a registry name (`plainmamba-l1`) is that model freshly
+initialised (seed 0), the chance-level baseline. Images are preprocessed as the model expects: its input size, and the normalisation
 recorded in its metadata (ImageNet otherwise); no augmentation. A video model also reads clips (`clips:T:...`), each
 frame preprocessed as an image.
 """
