@@ -2,9 +2,9 @@
 
 A model written by tmconvert (converted or distilled: ViM, PlainMamba, VideoMamba, VMamba) loads through
 `load_converted`, anything else through the ViT readers; a registry name (`plainmamba-l1`) is that model freshly
-initialised (seed 0), the chance-level baseline. Images are preprocessed as the model expects: its input size, and the normalisation
-recorded in its metadata (ImageNet otherwise); no augmentation. A video model also reads clips (`clips:T:...`), each
-frame preprocessed as an image.
+initialised (seed 0), the chance-level baseline. Images are preprocessed as the model expects: its input size, and
+the normalisation recorded in its metadata (ImageNet otherwise); no augmentation. A video model also reads clips
+(`clips:T:...`), each frame preprocessed as an image.
 """
 
 from __future__ import annotations
