@@ -50,6 +50,14 @@ from tmconvert.models.vim import DropPath, MambaOutput
 DIRECTIONS = ("row", "col", "row_rev", "col_rev")
 
 
+class PerStage(tuple):
+    """One value per stage, read as `value(stage)` or `value[stage]`; tables, JSON and mapping files (`keep:
+    target.d_inner`: one set per stage) see the tuple."""
+
+    def __call__(self, stage: int) -> int:
+        return self[stage]
+
+
 @dataclass(frozen=True)
 class VMambaConfig:
     """Shape and init hyper-parameters of a VMamba v2 classifier; defaults are VMamba-T (`vmambav2v_tiny_224`).
@@ -129,23 +137,22 @@ class VMambaConfig:
         return sum(self.depths)
 
     @property
-    def d_inners(self) -> tuple[int, ...]:
-        """SS2D's inner width E_s of every stage (mapping files reference it as `target.d_inners`)."""
-        return tuple(self.d_inner(s) for s in range(self.num_stages))
+    def embed_dim(self) -> PerStage:
+        """The residual width of every stage (`dims`), under the name flat families give their one width."""
+        return PerStage(self.dims)
 
     @property
-    def mlp_hiddens(self) -> tuple[int, ...]:
-        """The block MLP's hidden width of every stage (`target.mlp_hiddens`)."""
-        return tuple(self.mlp_hidden(s) for s in range(self.num_stages))
-
-    def d_inner(self, stage: int) -> int:
-        return int(self.ssm_ratio * self.dims[stage])
+    def d_inner(self) -> PerStage:
+        """SS2D's inner width E_s = ssm_ratio * d_s of every stage: `d_inner(s)` or `d_inner[s]`."""
+        return PerStage(int(self.ssm_ratio * d) for d in self.dims)
 
     def resolved_dt_rank(self, stage: int) -> int:
         return self.dt_rank if self.dt_rank is not None else math.ceil(self.dims[stage] / 16)
 
-    def mlp_hidden(self, stage: int) -> int:
-        return int(self.dims[stage] * self.mlp_ratio)
+    @property
+    def mlp_hidden(self) -> PerStage:
+        """The block MLP's hidden width of every stage: `mlp_hidden(s)` or `mlp_hidden[s]`."""
+        return PerStage(int(d * self.mlp_ratio) for d in self.dims)
 
     def stage_grids(self) -> list[tuple[int, int]]:
         return stage_grids(self.img_size, self.num_stages)
