@@ -84,6 +84,8 @@ def test_per_stage_index_sets_and_a_stage_wider_than_the_teacher() -> None:
     assert (wide.shape, wide.kind, wide.block, wide.stage) == ((3072, 768), "partial", 11, 3)
     assert "set=residual@-1" in rows["classifier.head.weight"].expr
     assert rows["layers.2.blocks.7.op.in_proj.weight"].expr == "init:default"  # a rest block
+    assert rows["layers.0.blocks.0.op.in_proj.weight"].kind == "subcloned"  # its fill parts come out empty
+    assert plan_for_names(load_mapping(MAPPING), "deit-b", "vmamba-t").counts()["partial"] == 0
 
 
 def test_a_stage_wider_than_the_teacher_is_refused_without_upto(tmp_path: Path) -> None:

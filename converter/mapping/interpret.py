@@ -355,7 +355,36 @@ def _extent(node: Node, ctx: EvalContext, region: Region, dim: int) -> int | Non
     return None
 
 
+def filling_inits(node: Node, ctx: EvalContext, region: Region) -> list[str]:
+    """The initialisers that make at least one entry of `region` (a fill part that comes out empty makes none)."""
+    if isinstance(node, InitNode):
+        return [node.init] if all(region.shape) else []
+    if not isinstance(node, ConcatNode):
+        return []
+    dim, sizes, _ = _layout(node, ctx, region)
+    out, offset = [], 0
+    for part, size in zip(node.parts, sizes, strict=True):
+        out += filling_inits(part, ctx, region.narrow(dim, offset, size))
+        offset += size
+    return out
+
+
 def _evaluate_concat(node: ConcatNode, ctx: EvalContext, region: Region) -> torch.Tensor:
+    dim, sizes, evaluated = _layout(node, ctx, region)
+    pieces, offset = [], 0
+    for i, part in enumerate(node.parts):
+        size = sizes[i]
+        pieces.append(evaluated[i] if i in evaluated else evaluate(part, ctx, region.narrow(dim, offset, size)))
+        offset += size
+    try:
+        return concat(pieces, dim=dim)
+    except RuntimeError:
+        shapes = ", ".join(str(tuple(p.shape)) for p in pieces)
+        raise RuleError(f"{node.path}.concat", f"parts {shapes} do not fit together along dim {dim}") from None
+
+
+def _layout(node: ConcatNode, ctx: EvalContext, region: Region) -> tuple[int, list[int], dict[int, torch.Tensor]]:
+    """(dim, each part's size along it, the source parts already evaluated) of a concat filling `region`."""
     ndim = len(region.shape)
     if not -ndim <= node.dim < ndim:
         raise RuleError(f"{node.path}.concat.dim", f"dim {node.dim} out of range for a {ndim}-d target")
@@ -388,13 +417,4 @@ def _evaluate_concat(node: ConcatNode, ctx: EvalContext, region: Region) -> torc
                 f"parts already give {known} along dim {dim}, more than the {region.shape[dim]} of {region.target}",
             )
         sizes[unknown[0]] = fill
-    pieces, offset = [], 0
-    for i, part in enumerate(node.parts):
-        size = sizes[i]
-        pieces.append(evaluated[i] if i in evaluated else evaluate(part, ctx, region.narrow(dim, offset, size)))
-        offset += size
-    try:
-        return concat(pieces, dim=dim)
-    except RuntimeError:
-        shapes = ", ".join(str(tuple(p.shape)) for p in pieces)
-        raise RuleError(f"{node.path}.concat", f"parts {shapes} do not fit together along dim {dim}") from None
+    return dim, sizes, evaluated

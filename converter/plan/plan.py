@@ -39,6 +39,7 @@ from tmconvert.converter.mapping.interpret import (
     bind,
     describe,
     evaluate,
+    filling_inits,
     node_inits,
     node_sources,
     source_paths,
@@ -388,14 +389,15 @@ def _norm(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _classify(node: Node, ctx: EvalContext) -> str:
+def _classify(node: Node, ctx: EvalContext, region: Region) -> str:
     """inherited: every value copied from the source (possibly re-laid out); subcloned: some op picked a subset or
     changed values (each op says when it does); fitted: solved on calibration images from the teacher's sub-layer;
-    initialised: no source at all; partial: both source and init."""
+    initialised: no source at all; partial: both source and init (an init part that comes out empty, a fill for
+    entries this pair does not have, does not count)."""
     if any(isinstance(leaf, FitNode) for leaf, _ in walk(node)):
         return "fitted"
     has_source = bool(node_sources(node))
-    has_init = bool(node_inits(node))
+    has_init = bool(filling_inits(node, ctx, region))
     if has_source and has_init:
         return "partial"
     if not has_source:
@@ -620,7 +622,7 @@ class _Planner:
             produced = evaluate(node, ctx, Region(name, shape))
             if tuple(produced.shape) != tuple(shape):
                 raise RuleError(expr_path, f"produces {tuple(produced.shape)} but target {name} is {tuple(shape)}")
-            kind = _classify(node, ctx)
+            kind = _classify(node, ctx, Region(name, shape))
         except RuleError as exc:
             self.problems.add(exc.path, exc.message)
             return None
