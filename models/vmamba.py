@@ -137,6 +137,11 @@ class VMambaConfig:
         return sum(self.depths)
 
     @property
+    def stem_channels(self) -> int:
+        """The width between the stem's two convs, d_0 / 2."""
+        return self.dims[0] // 2
+
+    @property
     def embed_dim(self) -> PerStage:
         """The residual width of every stage (`dims`), under the name flat families give their one width."""
         return PerStage(self.dims)

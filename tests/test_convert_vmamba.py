@@ -24,8 +24,8 @@ from tmconvert.models import ViTConfig, build_model, registry
 from tmconvert.models.vmamba import VMamba, VMambaConfig
 
 MAPPING = REPO / "mappings" / "vit-vmamba.yaml"
-TINY = VMambaConfig(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), ssm_ratio=1.0, d_state=1)  # stage 3 > the teacher
-TEACHER_CFG = ViTConfig(embed_dim=64, depth=4, num_heads=2, mlp_hidden=256, patch_size=4, img_size=(32, 32))
+TINY = VMambaConfig(dims=(48, 64, 96, 256), depths=(1, 1, 2, 1), ssm_ratio=1.0, d_state=1)  # stage 3 > the teacher
+TEACHER_CFG = ViTConfig(embed_dim=128, depth=4, num_heads=2, mlp_hidden=512, patch_size=4, img_size=(32, 32))
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_tiny_teacher_converts_every_tensor_once_and_reloads_strict(tiny) -> Non
     with torch.no_grad():
         out = model.eval().forward_all(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
     assert out.logits.shape == (2, 1000) and bool(torch.isfinite(out.logits).all())
-    assert [t.shape[-1] for t in out.layer_tokens] == [16, 32, 64, 64, 128]
+    assert [t.shape[-1] for t in out.layer_tokens] == [48, 64, 96, 96, 256]
 
 
 def test_inherited_tensors_are_the_teachers_subcloned_slices(tiny) -> None:
@@ -129,30 +129,30 @@ def test_inherited_tensors_are_the_teachers_subcloned_slices(tiny) -> None:
     student = load_file(result.paths.weights)
     sel = result.selection
     r0, r1, r3 = (sel[f"residual@{s}"][None] for s in (0, 1, 3))
-    assert len(r0) == 16 and len(r1) == 32 and set(r0.tolist()) <= set(r1.tolist())  # one ranking: nested sets
-    assert r3.tolist() == list(range(64))  # stage 3 (128) is wider than the teacher (64): all of it, then init
+    assert len(r0) == 48 and len(r1) == 64 and set(r0.tolist()) <= set(r1.tolist())  # one ranking: nested sets
+    assert r3.tolist() == list(range(128))  # stage 3 (256) is wider than the teacher (128): all of it, then init
     value, hidden = sel["value@1"][1], sel["hidden@1"][1]
     block = "layers.1.blocks.0."
     torch.testing.assert_close(student[block + "norm.weight"], teacher["blocks.1.norm1.weight"][r1])
     torch.testing.assert_close(student[block + "norm2.bias"], teacher["blocks.1.norm2.bias"][r1])
-    v_rows = teacher["blocks.1.attn.qkv.weight"][128:192][value][:, r1] * (64 / 32) ** 0.5
+    v_rows = teacher["blocks.1.attn.qkv.weight"][256:384][value][:, r1] * (128 / 64) ** 0.5
     torch.testing.assert_close(student[block + "op.in_proj.weight"], v_rows)
-    proj = teacher["blocks.1.attn.proj.weight"][r1][:, value] * (64 / 32) ** 0.5
+    proj = teacher["blocks.1.attn.proj.weight"][r1][:, value] * (128 / 64) ** 0.5
     torch.testing.assert_close(student[block + "op.out_proj.weight"], proj)
     torch.testing.assert_close(student[block + "mlp.fc1.bias"], teacher["blocks.1.mlp.fc1.bias"][hidden])
-    fc2 = teacher["blocks.1.mlp.fc2.weight"][r1][:, hidden] * (256 / 128) ** 0.5
+    fc2 = teacher["blocks.1.mlp.fc2.weight"][r1][:, hidden] * (512 / 256) ** 0.5
     torch.testing.assert_close(student[block + "mlp.fc2.weight"], fc2)
     # the wide stage: the teacher's channels first, VMamba's upstream init for the rest
     default = build_model(result.plan.target.config, seed=0).state_dict()
     norm = student["layers.3.blocks.0.norm2.weight"]
-    torch.testing.assert_close(norm[:64], teacher["blocks.3.norm2.weight"])
-    torch.testing.assert_close(norm[64:], default["layers.3.blocks.0.norm2.weight"][64:])
+    torch.testing.assert_close(norm[:128], teacher["blocks.3.norm2.weight"])
+    torch.testing.assert_close(norm[128:], default["layers.3.blocks.0.norm2.weight"][128:])
     fc1 = student["layers.3.blocks.0.mlp.fc1.weight"]
-    torch.testing.assert_close(fc1[:256, :64], teacher["blocks.3.mlp.fc1.weight"])
-    torch.testing.assert_close(fc1[256:], default["layers.3.blocks.0.mlp.fc1.weight"][256:])
-    torch.testing.assert_close(fc1[:256, 64:], default["layers.3.blocks.0.mlp.fc1.weight"][:256, 64:])
-    torch.testing.assert_close(student["classifier.norm.weight"][:64], teacher["norm.weight"])
-    torch.testing.assert_close(student["classifier.head.weight"][:, :64], teacher["head.weight"])
+    torch.testing.assert_close(fc1[:512, :128], teacher["blocks.3.mlp.fc1.weight"])
+    torch.testing.assert_close(fc1[512:], default["layers.3.blocks.0.mlp.fc1.weight"][512:])
+    torch.testing.assert_close(fc1[:512, 128:], default["layers.3.blocks.0.mlp.fc1.weight"][:512, 128:])
+    torch.testing.assert_close(student["classifier.norm.weight"][:128], teacher["norm.weight"])
+    torch.testing.assert_close(student["classifier.head.weight"][:, :128], teacher["head.weight"])
     rest = "layers.2.blocks.1.op.in_proj.weight"  # teacher depth 4, student 5: one block starts from upstream init
     torch.testing.assert_close(student[rest], default[rest])
 
@@ -165,5 +165,26 @@ def test_dry_run_shows_the_stage_plan(tmp_path: Path, capsys) -> None:
     plan = json.loads(capsys.readouterr().out)
     assert plan["target"]["family"] == "vmamba" and plan["mapping"]["name"] == "vit-vmamba"
     assert plan["layers"][4] == {"layer": 4, "block": 3, "stage": 3, "stage_block": 0}
-    assert plan["index_sets"]["residual@3"]["keep"] == 64
+    assert plan["index_sets"]["residual@3"]["keep"] == 128
     assert "pos_embed" in plan["dropped_why"]
+
+
+def test_the_built_stem_embeds_patches_as_the_teacher_does(tiny) -> None:
+    """Space-to-depth conv, LayerNorm, GELU, then the teacher's patch kernel off the +/- channels: each 4x4 patch is
+    the teacher's patch embedding scaled per 2x2 block by its RMS, then layer-normed. On images whose 2x2 blocks all
+    have the same RMS (a constant |pixel|, random signs) that scale is one number per token, so the stem's tokens are
+    exactly LayerNorm(the teacher's patch embedding) at the kept channels."""
+    result, teacher, _ = tiny
+    cfg, state, _ = load_converted(result.paths.weights)
+    model = build_model(cfg)
+    model.load_state_dict(state, strict=True)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 2, (2, 3, 32, 32), generator=gen).float() * 2 - 1
+    keep = result.selection["residual@0"][None]
+    weight, bias = teacher["patch_embed.proj.weight"][keep], teacher["patch_embed.proj.bias"][keep]
+    with torch.no_grad():
+        tokens = model.patch_embed(images)  # (B, 8, 8, 48)
+        wanted = torch.nn.functional.conv2d(images, weight, stride=4).permute(0, 2, 3, 1)
+        rms = (images[:, :, :2, :2] ** 2).mean().sqrt()  # 1: every block has |pixel| = 1
+        wanted = torch.nn.functional.layer_norm(wanted / rms + bias, (48,), eps=cfg.norm_eps)
+    torch.testing.assert_close(tokens, wanted, rtol=1e-4, atol=1e-4)

@@ -206,25 +206,31 @@ def _subpixel(k: int, in_chans: int) -> tuple[int, int, int, int]:
     return sign, rest // 4, (rest % 4) // 2, rest % 2
 
 
-def space_to_depth(tensor: torch.Tensor, *, channels: int) -> torch.Tensor:
+def space_to_depth(tensor: torch.Tensor, *, channels: int, kernel: int | None = None) -> torch.Tensor:
     """A patch kernel (D, C, p, p) re-expressed for a conv (kernel = stride = p/2, `channels` inputs) that reads the
     output of a `space_to_depth` stem: the same patch embedding, computed from the stem's sub-pixel channels.
 
     Stem channel k < 8C carries sign * pixel (c, 2y + a, 2x + b) after ReLU (sign +1 for k < 4C, -1 after), so the
     kernel's entry (d, k, u, v) is sign * W[d, c, 2u + a, 2v + b]: the + and - halves add up to W x. Channels from 8C
-    on repeat the pattern in the stem and get zero weight here, so each pixel counts once.
+    on repeat the pattern in the stem and get zero weight here, so each pixel counts once. `kernel`: the conv is a
+    larger K x K one with padding K // 2 and the same stride (VMamba's 3x3 stride-2 conv for p = 4), so the p/2 x p/2
+    kernel sits at taps K // 2 on, zeros around it.
     """
     if tensor.dim() != 4 or tensor.shape[-1] % 2 or tensor.shape[-2] % 2:
         raise ValueError(f"space_to_depth expects a (D, C, p, p) kernel with an even patch, got {tuple(tensor.shape)}")
     out_dim, in_chans, height, width = tensor.shape
     if channels < 8 * in_chans:
         raise ValueError(f"a space_to_depth stem for {in_chans} image channels needs {8 * in_chans}, got {channels}")
+    size = (height // 2, width // 2) if kernel is None else (kernel, kernel)
+    if kernel is not None and kernel // 2 + max(height, width) // 2 > kernel:
+        raise ValueError(f"a {height}x{width} patch over a stride-2 stem does not fit a {kernel}x{kernel} kernel")
     if tensor.device.type == "meta":
-        return tensor.new_empty((out_dim, channels, height // 2, width // 2))
-    out = tensor.new_zeros((out_dim, channels, height // 2, width // 2))
+        return tensor.new_empty((out_dim, channels, *size))
+    out = tensor.new_zeros((out_dim, channels, *size))
+    at = 0 if kernel is None else kernel // 2
     for k in range(8 * in_chans):
         sign, c, a, b = _subpixel(k, in_chans)
-        out[:, k] = sign * tensor[:, c, a::2, b::2]
+        out[:, k, at : at + height // 2, at : at + width // 2] = sign * tensor[:, c, a::2, b::2]
     return out
 
 
@@ -326,9 +332,11 @@ class InflateTimeArgs(_Args):
 
 class SpaceToDepthArgs(_Args):
     channels: IntRef = Field(description="the stem's width, e.g. target.stem_channels")
+    kernel: IntRef | None = Field(None, description="a K x K conv (padding K // 2) instead of kernel = stride")
 
     def resolve(self, ctx: ResolveContext) -> dict[str, Any]:
-        return {"channels": _as_int(ctx.ref(self.channels), "space_to_depth.channels")}
+        kernel = None if self.kernel is None else _as_int(ctx.ref(self.kernel), "space_to_depth.kernel")
+        return {"channels": _as_int(ctx.ref(self.channels), "space_to_depth.channels"), "kernel": kernel}
 
 
 class ScaleByArgs(_Args):
