@@ -142,6 +142,12 @@ class VMambaConfig:
         return self.dims[0] // 2
 
     @property
+    def stem_holds_pixels(self) -> bool:
+        """Whether that width holds every pixel of a 2x2 block with both signs (8 * in_chans channels): then a
+        converter can build the stem to embed a teacher's patches (`init: space_to_depth`)."""
+        return self.stem_channels >= 8 * self.in_chans
+
+    @property
     def embed_dim(self) -> PerStage:
         """The residual width of every stage (`dims`), under the name flat families give their one width."""
         return PerStage(self.dims)

@@ -20,6 +20,7 @@ from tmconvert.converter.lint.mappings import check_mapping, plan_for_names
 from tmconvert.converter.mapping.files import default_mapping_for, load_mapping
 from tmconvert.converter.modelfile.converted import load_converted
 from tmconvert.converter.plan.layers import plan_layers, split_over_stages
+from tmconvert.converter.plan.plan import SourceSide, TargetSide, build_plan
 from tmconvert.models import ViTConfig, build_model, registry
 from tmconvert.models.vmamba import VMamba, VMambaConfig
 
@@ -188,3 +189,15 @@ def test_the_built_stem_embeds_patches_as_the_teacher_does(tiny) -> None:
         rms = (images[:, :, :2, :2] ** 2).mean().sqrt()  # 1: every block has |pixel| = 1
         wanted = torch.nn.functional.layer_norm(wanted / rms + bias, (48,), eps=cfg.norm_eps)
     torch.testing.assert_close(tokens, wanted, rtol=1e-4, atol=1e-4)
+
+
+def test_a_stem_too_narrow_for_the_pixels_keeps_its_upstream_init() -> None:
+    """A 4-wide stem cannot hold the 24 +/- sub-pixel channels of 3-colour images: the guard keeps its own stem."""
+    narrow = VMambaConfig(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), img_size=(32, 32))
+    assert not narrow.stem_holds_pixels and TINY.stem_holds_pixels
+    plan = build_plan(
+        load_mapping(MAPPING), SourceSide.from_config(TEACHER_CFG), TargetSide.from_config("narrow", narrow)
+    )
+    assert plan.problems == []
+    rows = {e.name: e for e in plan.entries}
+    assert rows["patch_embed.0.weight"].expr == "init:default" and rows["patch_embed.5.weight"].expr == "init:default"
