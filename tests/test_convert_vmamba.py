@@ -201,3 +201,39 @@ def test_a_stem_too_narrow_for_the_pixels_keeps_its_upstream_init() -> None:
     assert plan.problems == []
     rows = {e.name: e for e in plan.entries}
     assert rows["patch_embed.0.weight"].expr == "init:default" and rows["patch_embed.5.weight"].expr == "init:default"
+
+
+def test_patch_merging_carries_each_kept_channel_into_the_next_stage(tiny) -> None:
+    """The stages' sets nest, so the 3x3 stride-2 merging conv maps each channel of stage s to the same teacher
+    channel in stage s + 1, averaging the 2x2 block it covers (`eye` | select | select | spread_kernel)."""
+    result, _, _ = tiny
+    student = load_file(result.paths.weights)
+    rows = {e.name: e for e in result.plan.entries}
+    assert rows["layers.0.downsample.1.weight"].expr.startswith(
+        "cat0[cat1[eye(128) | select(dim=0, set=residual@+1) | select(dim=1, set=residual) | spread_kernel("
+    )
+    for stage in (0, 2):  # 48 -> 64 channels; 96 -> 256, of which the teacher has 128
+        kept, following = (result.selection[f"residual@{s}"][None].tolist() for s in (stage, stage + 1))
+        weight = student[f"layers.{stage}.downsample.1.weight"]
+        wanted = torch.zeros_like(weight)
+        for i, channel in enumerate(kept):
+            wanted[following.index(channel), i, 1:3, 1:3] = 0.25
+        torch.testing.assert_close(weight, wanted)
+        assert not student[f"layers.{stage}.downsample.1.bias"].any()
+    model = build_model(result.plan.target.config)
+    model.load_state_dict(student, strict=True)
+    x = torch.randn(1, 8, 8, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = model.layers[0].downsample[1](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    pooled = torch.nn.functional.avg_pool2d(x.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+    at = [result.selection["residual@1"][None].tolist().index(c) for c in result.selection["residual@0"][None].tolist()]
+    torch.testing.assert_close(merged[..., at], pooled)
+
+
+def test_a_relative_stage_set_needs_a_stage(tmp_path: Path) -> None:
+    text = MAPPING.read_text().replace('default_for: [vmamba-t, vmamba-s, vmamba-b, "*"]', "")
+    text = text.replace("set: residual@-1}", "set: residual@+1}", 1)  # classifier.norm.weight is in no stage
+    variant = tmp_path / "relative.yaml"
+    variant.write_text(text)
+    problems = [p.message for p in plan_for_names(load_mapping(variant), "deit-b", "vmamba-t").problems]
+    assert any("`@+1` is relative, and this tensor is in no stage" in m for m in problems), problems

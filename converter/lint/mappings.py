@@ -16,7 +16,7 @@ from tmconvert.converter.configs import derive_target_config
 from tmconvert.converter.errors import TmconvertError
 from tmconvert.converter.mapping.files import LoadedMapping
 from tmconvert.converter.mapping.fits import FITS
-from tmconvert.converter.mapping.schema import FitExpr, FromExpr, iter_exprs
+from tmconvert.converter.mapping.schema import EyeExpr, FitExpr, FromExpr, iter_exprs
 from tmconvert.converter.plan.plan import Plan, SourceSide, TargetSide, build_plan
 from tmconvert.models import ModelConfigError, family_of, get_config, list_models
 
@@ -96,7 +96,7 @@ def referenced_sets(mapping: LoadedMapping) -> dict[str, list[str]]:
                 roots.append((rule.otherwise, f"{section}.{pattern}.otherwise"))
             for root, root_path in roots:
                 for expr, path in iter_exprs(root, root_path):
-                    if isinstance(expr, FromExpr):
+                    if isinstance(expr, (FromExpr, EyeExpr)):
                         for i, op in enumerate(expr.ops):
                             for name in op.referenced_sets():  # `residual@-1`: a stage of `residual`
                                 out.setdefault(name.partition("@")[0], []).append(f"{path}.ops[{i}]")

@@ -69,9 +69,8 @@ def _parse_yaml_path(text: str) -> tuple[Any, ...]:
         return ("sublayers", kind, *_parse_yaml_path(f"tensors.{inner}")[1:]) if inner else ("sublayers", kind)
     if head in _SECTIONS_WITH_PATTERN_KEYS and rest:
         # the pattern key ends where a known rule field starts
-        m = re.search(
-            r"\.(from|ops|init|fit|concat|dtype|when|otherwise|size|full|keep|upto|reserve|per|score)(\.|\[|$)", rest
-        )
+        fields = "from|eye|ops|init|fit|concat|dtype|when|otherwise|size|full|keep|upto|reserve|per|score"
+        m = re.search(rf"\.({fields})(\.|\[|$)", rest)
         key, tail = (rest[: m.start()], rest[m.start() + 1 :]) if m else (rest, "")
         return (head, key, *_split_simple(tail))
     return _split_simple(text)
@@ -89,7 +88,7 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     out: list[Any] = []
     previous: Any = None
     for part in loc:
-        is_tag = part in ("from", "init", "fit", "concat") and (
+        is_tag = part in ("from", "eye", "init", "fit", "concat") and (
             previous in ("expr", "otherwise") or (isinstance(previous, int) and "parts" in out)
         )
         if part != "expr" and not is_tag:

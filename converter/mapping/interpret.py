@@ -10,6 +10,7 @@ Problems are raised as `RuleError`s carrying the YAML path of the rule part that
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,7 +19,16 @@ import torch
 
 from tmconvert.converter.mapping.fits import FITS
 from tmconvert.converter.mapping.ops import INITS, OpSpec, concat
-from tmconvert.converter.mapping.schema import ConcatExpr, FitExpr, FromExpr, InitExpr, OpCall, fill_template, is_ref
+from tmconvert.converter.mapping.schema import (
+    ConcatExpr,
+    EyeExpr,
+    FitExpr,
+    FromExpr,
+    InitExpr,
+    OpCall,
+    fill_template,
+    is_ref,
+)
 
 
 class RuleError(Exception):
@@ -36,6 +46,20 @@ class SourceNode:
     ops: tuple[OpCall, ...]
     path: str
     size: Any = None
+
+
+@dataclass(frozen=True)
+class EyeNode:
+    """The n x n identity (n may be a config reference) and an op chain: a channel map, no teacher values."""
+
+    n: Any
+    ops: tuple[OpCall, ...]
+    path: str
+    size: Any = None
+
+    @property
+    def name(self) -> str:
+        return f"eye({self.n})"
 
 
 @dataclass(frozen=True)
@@ -64,7 +88,7 @@ class ConcatNode:
     size: Any = None
 
 
-Node = SourceNode | InitNode | FitNode | ConcatNode
+Node = SourceNode | EyeNode | InitNode | FitNode | ConcatNode
 
 
 def describe(node: Node, resolve: Callable[[Any], Any] | None = None) -> str:
@@ -72,8 +96,12 @@ def describe(node: Node, resolve: Callable[[Any], Any] | None = None) -> str:
 
     With `resolve`, config references in op arguments show their values.
     """
-    if isinstance(node, SourceNode):
-        return " | ".join([node.name, *(op.describe(resolve) for op in node.ops)])
+    if isinstance(node, (SourceNode, EyeNode)):
+        head = node.name
+        if isinstance(node, EyeNode) and resolve is not None and is_ref(node.n):
+            with contextlib.suppress(ValueError):
+                head = f"eye({resolve(node.n)})"
+        return " | ".join([head, *(op.describe(resolve) for op in node.ops)])
     if isinstance(node, InitNode):
         return f"init:{node.init}"
     if isinstance(node, FitNode):
@@ -88,9 +116,10 @@ def node_sources(node: Node) -> list[str]:
 
 def source_paths(node: Node) -> list[tuple[str, str]]:
     """(source tensor, YAML path that names it) for every source an expression reads."""
-    if isinstance(node, SourceNode):
+    if isinstance(node, (SourceNode, EyeNode)):
         named_by_ops = [(s, f"{node.path}.ops[{i}]") for i, op in enumerate(node.ops) for s in op.referenced_sources()]
-        return [(node.name, f"{node.path}.from"), *named_by_ops]
+        own = [(node.name, f"{node.path}.from")] if isinstance(node, SourceNode) else []
+        return [*own, *named_by_ops]
     if isinstance(node, FitNode):
         return [(name, f"{node.path}.fit") for name in node.sources]
     if isinstance(node, ConcatNode):
@@ -108,10 +137,10 @@ def node_inits(node: Node) -> list[str]:
 
 def bind(expr: Any, path: str, binding: dict[str, int]) -> Node:
     """A rule expression with its placeholders filled from `binding` ({"layer": j, "block": b}), as nodes."""
-    if isinstance(expr, FromExpr):
+    if isinstance(expr, (FromExpr, EyeExpr)):
         where = "a rule outside per-layer patterns" if "layer" not in binding else "a layer no teacher block feeds"
         try:
-            name = fill_template(expr.source, binding)
+            name = fill_template(expr.source, binding) if isinstance(expr, FromExpr) else ""
         except KeyError as exc:
             raise RuleError(f"{path}.from", f"placeholder {{{exc.args[0]}}} has no value in {where}") from None
         ops = []
@@ -120,6 +149,8 @@ def bind(expr: Any, path: str, binding: dict[str, int]) -> Node:
                 ops.append(op.bound(binding))
             except KeyError as exc:
                 raise RuleError(f"{path}.ops[{i}]", f"placeholder {{{exc.args[0]}}} has no value in {where}") from None
+        if isinstance(expr, EyeExpr):
+            return EyeNode(expr.eye, tuple(ops), path, expr.size)
         return SourceNode(name, tuple(ops), path, expr.size)
     if isinstance(expr, InitExpr):
         return InitNode(expr.init, path, expr.size)
@@ -196,7 +227,7 @@ class OpContext:
 
     def _key(self, name: str) -> str:
         """The resolved set a rule's set name means for this tensor: the set itself, or, for a set chosen per stage,
-        `name@S` of the tensor's stage (a name may say `name@S` itself; S = -1 is the last stage)."""
+        `name@S` of the tensor's stage (a name may say `name@S` itself; S = -1 is the last stage, +1 the next)."""
         base, at, where = name.partition("@")
         if base in self.failed:
             raise FailedIndexSetError(base)
@@ -212,7 +243,11 @@ class OpContext:
             try:
                 stage = int(where)
             except ValueError:
-                raise ValueError(f"index set {name!r}: `@` takes a stage number (-1: the last)") from None
+                raise ValueError(f"index set {name!r}: `@` takes a stage number (-1: the last, +1: the next)") from None
+            if where.startswith("+"):  # relative to this tensor's stage (a downsampling reads the next one's set)
+                if self.stage is None:
+                    raise ValueError(f"index set {name!r}: `@{where}` is relative, and this tensor is in no stage")
+                stage += self.stage
             stage = stage + len(stages) if stage < 0 else stage
         elif self.stage is None:
             raise ValueError(
@@ -297,7 +332,12 @@ Observer = Callable[[OpSpec, dict[str, Any], torch.Tensor, torch.Tensor], None]
 
 
 def apply_chain(
-    node: SourceNode, tensor: torch.Tensor, ops: OpContext, *, trace: bool = False, observe: Observer | None = None
+    node: SourceNode | EyeNode,
+    tensor: torch.Tensor,
+    ops: OpContext,
+    *,
+    trace: bool = False,
+    observe: Observer | None = None,
 ) -> torch.Tensor:
     """Run a source node's op chain on `tensor` (the source tensor as loaded), left to right.
 
@@ -324,6 +364,14 @@ def evaluate(node: Node, ctx: EvalContext, region: Region) -> torch.Tensor:
     """The tensor an expression produces for `region` (float32; on meta when `ctx.meta`)."""
     if isinstance(node, SourceNode):
         return apply_chain(node, ctx.load(node.name), ctx.ops)
+    if isinstance(node, EyeNode):
+        try:
+            n = ctx.ops.ref(node.n)
+        except ValueError as exc:
+            raise RuleError(f"{node.path}.eye", str(exc)) from None
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise RuleError(f"{node.path}.eye", f"eye needs a positive integer, got {n!r}")
+        return apply_chain(node, torch.eye(n, device="meta" if ctx.meta else "cpu"), ctx.ops)
     if isinstance(node, (InitNode, FitNode)):  # whole target tensors, cut to the region
         tensor = _whole_tensor(node, ctx, region.full_shape or region.shape, region.target)
         for dim, start, length in region.narrowing:
@@ -347,7 +395,7 @@ def _whole_tensor(node: InitNode | FitNode, ctx: EvalContext, whole: tuple[int, 
 def _extent(node: Node, ctx: EvalContext, region: Region, dim: int) -> int | None:
     """How long an undeclared part is along `dim` when its source parts say: a concat along another dim is as long
     as its source parts (so `[source rows ; init]` along dim 1, then `init` rows below it, needs no `size:`)."""
-    if isinstance(node, SourceNode):
+    if isinstance(node, (SourceNode, EyeNode)):
         tensor = evaluate(node, ctx, region)
         return tensor.shape[dim] if tensor.dim() > dim else None
     if isinstance(node, ConcatNode) and node.size is None and node.dim % len(region.shape) != dim:
@@ -395,7 +443,7 @@ def _layout(node: ConcatNode, ctx: EvalContext, region: Region) -> tuple[int, li
         declared = _resolve_size(part, ctx)
         if declared is None and isinstance(part, ConcatNode):
             declared = _extent(part, ctx, region, dim)
-        if isinstance(part, SourceNode):
+        if isinstance(part, (SourceNode, EyeNode)):
             tensor = evaluate(part, ctx, region)
             if tensor.dim() != ndim:
                 raise RuleError(part.path, f"{part.name} gives a {tensor.dim()}-d tensor, the concat is {ndim}-d")

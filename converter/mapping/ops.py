@@ -234,6 +234,22 @@ def space_to_depth(tensor: torch.Tensor, *, channels: int, kernel: int | None = 
     return out
 
 
+def spread_kernel(tensor: torch.Tensor, *, size: int, span: int) -> torch.Tensor:
+    """A matrix (O, I) as a size x size conv kernel (O, I, size, size) that averages the span x span taps from
+    size // 2 on: with stride `span` and padding size // 2 (VMamba's 3x3 stride-2 patch merging, span 2) each output
+    token is the matrix applied to the mean of the span x span block of input tokens it covers."""
+    if tensor.dim() != 2:
+        raise ValueError(f"spread_kernel expects a matrix (out, in), got {tuple(tensor.shape)}")
+    at = size // 2
+    if span <= 0 or at + span > size:
+        raise ValueError(f"a {span}x{span} window from tap {at} does not fit a {size}x{size} kernel")
+    if tensor.device.type == "meta":
+        return tensor.new_empty((*tensor.shape, size, size))
+    out = tensor.new_zeros((*tensor.shape, size, size))
+    out[..., at : at + span, at : at + span] = (tensor / span**2)[..., None, None]
+    return out
+
+
 def scale_by(tensor: torch.Tensor, *, factor: torch.Tensor, dim: int) -> torch.Tensor:
     """Multiply each entry along `dim` by the matching entry of the 1-D `factor` (folds LayerScale into a matrix:
     `diag(gamma) @ W` is `scale_by(W, factor=gamma, dim=0)`)."""
@@ -337,6 +353,17 @@ class SpaceToDepthArgs(_Args):
     def resolve(self, ctx: ResolveContext) -> dict[str, Any]:
         kernel = None if self.kernel is None else _as_int(ctx.ref(self.kernel), "space_to_depth.kernel")
         return {"channels": _as_int(ctx.ref(self.channels), "space_to_depth.channels"), "kernel": kernel}
+
+
+class SpreadKernelArgs(_Args):
+    size: IntRef = Field(description="the conv's kernel size K (padding K // 2)")
+    span: IntRef = Field(description="its stride: the window of input tokens each output token averages")
+
+    def resolve(self, ctx: ResolveContext) -> dict[str, Any]:
+        return {
+            "size": _as_int(ctx.ref(self.size), "spread_kernel.size"),
+            "span": _as_int(ctx.ref(self.span), "spread_kernel.span"),
+        }
 
 
 class ScaleByArgs(_Args):
@@ -469,6 +496,15 @@ OPS: dict[str, OpSpec] = {
             space_to_depth,
             "channels",
             "patch kernel -> the projection after a `space_to_depth` stem (same embedding)",
+            reads="all",
+        ),
+        OpSpec(
+            "spread_kernel",
+            SpreadKernelArgs,
+            spread_kernel,
+            None,
+            "matrix -> a strided conv kernel averaging the window each output token covers (patch merging)",
+            subclones=_always,
             reads="all",
         ),
         OpSpec(

@@ -141,6 +141,14 @@ class FromExpr(_ExprBase):
         return value
 
 
+class EyeExpr(_ExprBase):
+    """The N x N identity, then an op chain: a map that passes channels through, e.g. from one index set to another
+    (`select` its rows by one set and its columns by another: 1 where both chose the same teacher channel)."""
+
+    eye: IntRef = Field(description="N, e.g. source.embed_dim")
+    ops: list[OpCall] = Field(default_factory=list)
+
+
 class InitExpr(_ExprBase):
     """A named initialiser (`ops.INITS`): `default` = the target model's upstream init (seeded), constants, and
     kernels that pass their input through."""
@@ -167,23 +175,25 @@ class ConcatExpr(_ExprBase):
 
 def _expr_kind(raw: Any) -> str | None:
     if isinstance(raw, dict):
-        for key in ("from", "init", "fit", "concat"):
+        for key in ("from", "eye", "init", "fit", "concat"):
             if key in raw:
                 return key
     if isinstance(raw, BaseModel):
-        return {FromExpr: "from", InitExpr: "init", FitExpr: "fit", ConcatExpr: "concat"}.get(type(raw))
+        kinds = {FromExpr: "from", EyeExpr: "eye", InitExpr: "init", FitExpr: "fit", ConcatExpr: "concat"}
+        return kinds.get(type(raw))
     return None
 
 
 Expr = Annotated[
     Annotated[FromExpr, Tag("from")]
+    | Annotated[EyeExpr, Tag("eye")]
     | Annotated[InitExpr, Tag("init")]
     | Annotated[FitExpr, Tag("fit")]
     | Annotated[ConcatExpr, Tag("concat")],
     Discriminator(
         _expr_kind,
         custom_error_type="expr_kind",
-        custom_error_message="a rule needs one of `from:` (a source tensor), `init:`, `fit:` or `concat:`",
+        custom_error_message="a rule needs one of `from:` (a source tensor), `eye:`, `init:`, `fit:` or `concat:`",
     ),
 ]
 Concat.model_rebuild()
