@@ -228,6 +228,7 @@ def _backend_for_call(
     return "triton" if _unavailable_reason("triton", device) is None else "reference"
 
 
+@torch.compiler.disable
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -243,7 +244,11 @@ def selective_scan(
     *,
     backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """mamba-ssm's `selective_scan_fn` (plus `reverse`) on the chosen backend; see the module docstring."""
+    """mamba-ssm's `selective_scan_fn` (plus `reverse`) on the chosen backend; see the module docstring.
+
+    Opaque to `torch.compile` (a graph break): the compiled model's other parts fuse around the scan, and neither
+    compiled kernel is retraced (Inductor cannot recompile the Triton kernels, which read module-level constants).
+    """
     validate_scan_args(u, delta, A, B, C, D, z, delta_bias)
     args = (u, delta, A, B, C, D, z, delta_bias)
     name = _backend_for_call(u.device, u.dtype, backend, lambda: _cuda_unsupported_reason(*args))

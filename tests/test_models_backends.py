@@ -44,3 +44,22 @@ def test_triton_scan_matches_reference_in_every_family(name: str) -> None:
     assert tri_grads.keys() == ref_grads.keys() and len(ref_grads) > 10
     for param, grad in ref_grads.items():
         torch.testing.assert_close(tri_grads[param], grad, rtol=1e-3, atol=1e-5, msg=lambda m, p=param: f"{p}: {m}")
+
+
+@pytest.mark.skipif("triton" not in available_backends(DEVICE), reason="Triton needs a GPU or TRITON_INTERPRET=1")
+def test_compiled_model_on_the_triton_scan_matches_eager() -> None:
+    """`torch.compile` of a whole model works with the Triton scan inside (a graph break at the scan) and changes no
+    number beyond float32 reordering."""
+    overrides, shape = TINY["vim-t"]
+    model = build_model("vim-t", seed=0, **overrides).to(DEVICE).eval()
+    images = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    with use_backend("triton"):
+        eager = model(images)
+        eager.pow(2).sum().backward()
+        eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        compiled = torch.compile(model)(images)
+        compiled.pow(2).sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    for param, grad in eager_grads.items():
+        torch.testing.assert_close(model.get_parameter(param).grad, grad, rtol=1e-3, atol=1e-5)
