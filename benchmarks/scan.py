@@ -61,7 +61,12 @@ SHAPES = [
     Shape("VideoMamba-S 16f", 4, 768, 16 * 196 + 1, 16, None, torch.bfloat16),
     # PlainMamba-L1 at 224 px, batch 64: its four zig-zag scans run as one call over 4 x 64 sequences
     Shape("PlainMamba-L1", 4 * 64, 384, 196, 16, None, torch.bfloat16, gated=False),
-    Shape("VMamba stage 1", 32, 384, 3136, 1, 4, torch.bfloat16),
+    # VMamba-T at 224 px, batch 32: each stage's four cross-scans as one grouped call (4 x d_inner channels), ungated
+    # (v05_noz has no z); stage 1 ran gated in runs before 2026-12-05
+    Shape("VMamba-T stage 1", 32, 4 * 96, 56 * 56, 1, 4, torch.bfloat16, gated=False),
+    Shape("VMamba-T stage 2", 32, 4 * 192, 28 * 28, 1, 4, torch.bfloat16, gated=False),
+    Shape("VMamba-T stage 3", 32, 4 * 384, 14 * 14, 1, 4, torch.bfloat16, gated=False),
+    Shape("VMamba-T stage 4", 32, 4 * 768, 7 * 7, 1, 4, torch.bfloat16, gated=False),
 ]
 SMOKE_SHAPES = [
     Shape("smoke", 2, 8, 37, 4, None, torch.float32),
@@ -281,7 +286,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time alternative launch configurations")
     parser.add_argument("--only-sweep", action="store_true", help="time alternative launch configurations only")
     parser.add_argument("--shapes", default="", help="comma-separated indices into the shape list (default all)")
-    parser.add_argument("--sweep-shapes", default="0,3,4", help="indices of the shapes to sweep (default 0,3,4)")
+    parser.add_argument("--sweep-shapes", default="0,3,6", help="indices of the shapes to sweep (default 0,3,6)")
     parser.add_argument("--json", help="write all numbers to this file")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter (checks the script)")
     args = parser.parse_args()
