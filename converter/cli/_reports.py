@@ -25,12 +25,26 @@ def report_table(report: VerifyReport) -> Table:
     if report.layers:
         part = {"attn": "a", "mlp": "m", None: ""}
         cells = [
-            f"{s.layer}←{s.block if s.block is not None else '·'}{part[s.sublayer]} {s.cosine:.3f}"
+            f"{s.label}←{s.block if s.block is not None else '·'}{part[s.sublayer]} {s.cosine:.3f}"
             for s in report.layers
         ]
-        rows = [", ".join(cells[i : i + 6]) for i in range(0, len(cells), 6)]
-        legend = "\n(a / m: after its attention / MLP)" if any(s.sublayer for s in report.layers) else ""
+        if any(s.stage is not None for s in report.layers):  # a hierarchical student: one line per stage
+            by_stage: dict[int | None, list[str]] = {}
+            for s, cell in zip(report.layers, cells, strict=True):
+                by_stage.setdefault(s.stage, []).append(cell)
+            rows = [", ".join(c[i : i + 4]) for c in by_stage.values() for i in range(0, len(c), 4)]
+            legend = "\n(stage grids: teacher patches\narea-pooled, kept channels)"
+        else:
+            rows = [", ".join(cells[i : i + 6]) for i in range(0, len(cells), 6)]
+            legend = ""
+        if any(s.sublayer for s in report.layers):
+            legend += "\n(a / m: after its attention / MLP)"
         table.add_row("layer cosine\n(student←teacher block)" + legend, "\n".join(rows))
+    if report.layers_not_compared:
+        table.add_row(
+            "[yellow]layers not compared[/]",
+            f"{', '.join(report.layers_not_compared)}: no teacher block fed them",
+        )
     if report.final_cosine is not None:
         table.add_row("final features cosine", f"{report.final_cosine:.3f}")
     if report.top1_agreement is not None:

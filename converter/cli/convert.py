@@ -223,6 +223,8 @@ def _layer_rows(plan: Plan) -> list[tuple[str, str]]:
     layers = plan.layers
     blocks = layers.blocks
     inherited = [(j, b) for j, b in enumerate(blocks) if b is not None]
+    if layers.stages and not layers.interleaved:
+        return _stage_rows(plan)
     if layers.interleaved:
         used = _ranges(list(layers.used_blocks()))
         rows.append((f"2i (i = {used})", "block i: attention sub-layer"))
@@ -235,6 +237,42 @@ def _layer_rows(plan: Plan) -> list[tuple[str, str]]:
     if rest:
         how = "identity start (zero out_proj)" if plan.options.get("identity_rest") else "default init"
         rows.append((_ranges(rest), f"none: {how}"))
+    return rows
+
+
+def _stage_rows(plan: Plan) -> list[tuple[str, str]]:
+    """A hierarchical student's layer plan, named as the student names its blocks (`LayerPlan.label`): per stage, runs
+    of blocks fed by consecutive teacher blocks folded (`stage 2 blocks 0-6` <- `4-10`), then the blocks no teacher
+    block feeds."""
+    layers = plan.layers
+    rows: list[tuple[str, str]] = []
+    for stage, depth in enumerate(layers.stages):
+        runs: list[list[tuple[int, int]]] = []  # [(layer, teacher block)], consecutive in both
+        for index in range(depth):
+            j = layers.layer_at(stage, index)
+            block = layers.blocks[j]
+            if block is None:
+                continue
+            if runs and runs[-1][-1][0] == j - 1 and runs[-1][-1][1] == block - 1:
+                runs[-1].append((j, block))
+            else:
+                runs.append([(j, block)])
+        for run in runs:
+            (first, b0), (last, b1) = run[0], run[-1]
+            if first == last:
+                rows.append((layers.label(first), str(b0)))
+            else:
+                start, end = layers.position(first)[1], layers.position(last)[1]
+                rows.append((f"stage {stage} blocks {start}-{end}", f"{b0}-{b1}"))
+    rest: dict[int, list[int]] = {}
+    for j, block in enumerate(layers.blocks):
+        if block is None:
+            stage, index = layers.position(j)
+            rest.setdefault(stage, []).append(index)
+    if rest:
+        how = "identity start (zero out_proj)" if plan.options.get("identity_rest") else "default init"
+        names = [f"stage {s} block{'s' if len(i) > 1 else ''} {_ranges(i)}" for s, i in rest.items()]
+        rows.append((", ".join(names), f"none: {how}"))
     return rows
 
 

@@ -10,7 +10,11 @@ Runs after every conversion (unless `--no-verify`) and as `tmconvert verify OUT 
    token (each student token against the teacher's token of the same patch, cls against cls: ViM's middle cls,
    PlainMamba's patches without one), the cosine of the final features, and top-1 agreement of the logits when both
    models classify into the same classes. A video student (VideoMamba) reads each image as a clip of one tubelet of
-   identical frames, so its frame's tokens pair with the image teacher's.
+   identical frames, so its frame's tokens pair with the image teacher's. A hierarchical student (VMamba: its config
+   has per-stage `depths`, each stage its own grid and width) pairs stage by stage (`_compare_stages`): the output
+   tokens of a block of stage s on the stage's grid against the teacher block's patch tokens area-pooled to that
+   grid (`pool_to_grid`), on the channels the stage kept (`residual@s`); the final features on the last stage's grid
+   and channels (`residual@-1`); a block no teacher block fed is listed in `layers_not_compared`, not compared.
 
 The verdict: `ok` is true when every check that ran passed, i.e. the student's weights and outputs and the
 teacher's outputs are finite, every backend is within `BACKEND_TOLERANCE` of `reference`, and every similarity is a
@@ -48,6 +52,7 @@ from tmconvert.converter.errors import TmconvertError
 from tmconvert.converter.modelfile.classifier import load_model_file, non_finite_tensors
 from tmconvert.kernels import available_backends, use_backend
 from tmconvert.models import MambaOutput, TokenLayout, ViTConfig
+from tmconvert.models.vmamba import DIRECTIONS
 
 # Relative L2 error allowed between a backend and `reference` on fp32 logits and final tokens.
 BACKEND_TOLERANCE = 1e-4
@@ -71,6 +76,13 @@ class LayerSimilarity:
     block: int | None  # teacher block the layer was initialised from; None for default-initialised layers
     cosine: float  # mean over tokens and images; against the last inherited block when `block` is None
     sublayer: str | None = None  # "attn" / "mlp": compared with the stream after that sub-layer; None: the block
+    stage: int | None = None  # a hierarchical student's stage of the layer and its block within the stage; None: flat
+    stage_block: int | None = None
+
+    @property
+    def label(self) -> str:
+        """How the student names the layer: `3`, or `stage 1 block 0` for a hierarchical student."""
+        return str(self.layer) if self.stage is None else f"stage {self.stage} block {self.stage_block}"
 
 
 @dataclass
@@ -83,6 +95,8 @@ class VerifyReport:
     teacher_comparison: str = "not requested"  # 'not requested', 'done', 'partial' or 'skipped'
     not_compared: dict[str, str] = field(default_factory=dict)  # measure (`MEASURES`) -> why it was not made
     layers: list[LayerSimilarity] = field(default_factory=list)
+    # a hierarchical student's blocks that no teacher block fed (`LayerSimilarity.label`s): not compared with any
+    layers_not_compared: list[str] = field(default_factory=list)
     final_cosine: float | None = None
     top1_agreement: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -119,9 +133,24 @@ def student_view(cfg: Any, images: torch.Tensor) -> tuple[torch.Tensor, TokenLay
     return images.unsqueeze(2).expand(-1, -1, tubelet, -1, -1), cfg.token_layout(tubelet)
 
 
+def is_hierarchical(cfg: Any) -> bool:
+    """Whether the student runs stages of blocks on their own grids and widths (VMamba), not one stack of layers."""
+    return getattr(cfg, "depths", None) is not None and hasattr(cfg, "stage_grids")
+
+
+def scan_elements_per_image(cfg: Any, layout: TokenLayout) -> int:
+    """Elements of the largest selective-scan tensor one image makes: tokens × d_inner × d_state, for a hierarchical
+    student the largest stage's (its four cross-scans run as one scan of 4 × d_inner channels)."""
+    if is_hierarchical(cfg):
+        grids, inner = cfg.stage_grids(), cfg.d_inner
+        return max(h * w * len(DIRECTIONS) * inner[s] for s, (h, w) in enumerate(grids)) * cfg.d_state
+    inner = cfg.d_inner
+    return layout.seq_len * (max(inner) if isinstance(inner, tuple) else inner) * cfg.d_state
+
+
 def _forward(model: torch.nn.Module, cfg: Any, inputs: torch.Tensor, layout: TokenLayout, backend: str) -> MambaOutput:
     """The model's outputs on `inputs`; on a CPU in batches of at most `CPU_SCAN_ELEMENTS` scan elements."""
-    per_image = layout.seq_len * cfg.d_inner * cfg.d_state
+    per_image = scan_elements_per_image(cfg, layout)
     step = max(1, CPU_SCAN_ELEMENTS // per_image) if inputs.device.type == "cpu" else len(inputs)
     with use_backend(backend), torch.no_grad():
         parts = [model.forward_all(inputs[i : i + step]) for i in range(0, len(inputs), step)]
@@ -133,14 +162,12 @@ def _forward(model: torch.nn.Module, cfg: Any, inputs: torch.Tensor, layout: Tok
 
 
 def _images(calib: str | int, cfg: Any, max_images: int, seed: int) -> torch.Tensor:
-    """The first `max_images` calibration images at the student's input size."""
+    """The first `max_images` calibration images at the student's input size.
+
+    Only the images' geometry (size, channels, patch) reaches the calibration reader: the student's widths, one per
+    stage for a hierarchical student, are no ViT's."""
     geometry = ViTConfig(
-        img_size=cfg.img_size,
-        in_chans=cfg.in_chans,
-        patch_size=cfg.patch_size,
-        embed_dim=cfg.embed_dim,
-        num_heads=1,
-        mlp_hidden=cfg.embed_dim,
+        img_size=cfg.img_size, in_chans=cfg.in_chans, patch_size=cfg.patch_size, embed_dim=1, num_heads=1, mlp_hidden=1
     )
     batches, count = [], 0
     for batch in calibration_batches(calib, geometry, seed=seed, limit=max_images):  # read no more than used
@@ -229,8 +256,9 @@ def _compare_with_teacher(
         report.teacher_comparison = "skipped"
         return
 
-    features = _feature_pairing(cfg, layout, tcfg, metadata)
-    if isinstance(features, str):
+    if is_hierarchical(cfg):
+        _compare_stages(report, ref, tout, cfg, tcfg, metadata, path)
+    elif isinstance(features := _feature_pairing(cfg, layout, tcfg, metadata), str):
         report.not_compared.update(layers=features, final=features)
     else:
         token_index, valid, channels = (x if x is None else x.to(images.device) for x in features)
@@ -309,20 +337,119 @@ def _feature_pairing(
     return token_index, valid, None if kept is None else torch.tensor(kept)
 
 
-def _kept_channels(metadata: dict[str, Any], width: int, teacher_width: int) -> list[int] | None:
-    """The teacher residual channels the student kept (the `residual` index set), when the file records a set of
-    the student's width over a teacher of this width."""
+def _kept_channels(
+    metadata: dict[str, Any], width: int, teacher_width: int, name: str = "residual", *, upto: bool = False
+) -> list[int] | None:
+    """The teacher residual channels the student kept (the index set `name`), when the file records a set of the
+    student's width over a teacher of this width. `upto`: a set narrower than the student also fits (a stage wider
+    than the teacher keeps all its channels, `upto: true`; its first channels are the kept ones, the rest new)."""
     index_sets = metadata.get("index_sets")
-    residual = index_sets.get("residual") if isinstance(index_sets, dict) else None
+    residual = index_sets.get(name) if isinstance(index_sets, dict) else None
     indices = residual.get("indices") if isinstance(residual, dict) else None
     kept = next(iter(indices.values()), None) if isinstance(indices, dict) else None
     fits = (
         isinstance(kept, list)
-        and len(kept) == width
+        and (0 < len(kept) <= width if upto else len(kept) == width)
         and residual.get("full") == teacher_width
         and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < teacher_width for c in kept)
+        and len(set(kept)) == len(kept)
     )
     return kept if fits else None
+
+
+def pool_to_grid(tokens: torch.Tensor, grid: tuple[int, int], to: tuple[int, int]) -> torch.Tensor:
+    """(B, H·W, C) raster tokens on `grid` -> (B, h·w, C) raster on `to` by area pooling (`F.adaptive_avg_pool2d`,
+    which is `F.interpolate`'s 'area'): each target token is the mean of the tokens its area covers, whole windows
+    when one side divides the other (a 14x14 teacher grid to a 7x7 stage: 2x2 means), a token repeated over the finer
+    grid's tokens under it when the target is finer (a 56x56 stage under 14x14 patches)."""
+    if tuple(grid) == tuple(to):
+        return tokens
+    image = tokens.unflatten(1, tuple(grid)).permute(0, 3, 1, 2)
+    return F.adaptive_avg_pool2d(image, tuple(to)).flatten(2).transpose(1, 2)
+
+
+def pooled_cosine(
+    student: torch.Tensor,
+    student_grid: tuple[int, int],
+    teacher: torch.Tensor,
+    teacher_grid: tuple[int, int],
+    kept: list[int] | None,
+) -> float:
+    """Mean over tokens and images of the cosine between a student stage's tokens (B, L_s, C_s) and the teacher's
+    patch tokens (B, L_t, D) area-pooled to the stage grid, on the kept channels: student channel i against teacher
+    channel kept[i] (i < len(kept): a stage wider than the teacher compares its teacher channels only); `kept`
+    None: all channels, one to one."""
+    if kept is not None:
+        teacher = teacher[..., torch.tensor(kept, device=teacher.device)]
+        student = student[..., : len(kept)]
+    pooled = pool_to_grid(teacher.double(), teacher_grid, student_grid)
+    return F.cosine_similarity(student.double(), pooled, dim=-1).mean().item()
+
+
+def _stage_channels(cfg: Any, tcfg: ViTConfig, metadata: dict[str, Any]) -> list[list[int] | None] | str:
+    """Per stage the teacher channels it kept (`residual@s`; None: all, a stage as wide as the teacher without a
+    record), or why a stage's features cannot be compared with the teacher's."""
+    channels: list[list[int] | None] = []
+    for stage, width in enumerate(cfg.embed_dim):
+        kept = _kept_channels(metadata, width, tcfg.embed_dim, f"residual@{stage}", upto=True)
+        if kept is None and width != tcfg.embed_dim:
+            return (
+                f"stage {stage} is {width} channels wide and the teacher {tcfg.embed_dim}, and the file records no "
+                f"residual@{stage} channel set that fits this teacher"
+            )
+        channels.append(kept)
+    return channels
+
+
+def _compare_stages(
+    report: VerifyReport,
+    ref: MambaOutput,
+    tout: Any,
+    cfg: Any,
+    tcfg: ViTConfig,
+    metadata: dict[str, Any],
+    path: Path,
+) -> None:
+    """A hierarchical student's layer and final cosines (see the module docstring): each block of stage s against
+    its teacher block's patch tokens area-pooled to the stage grid, on the stage's kept channels."""
+    channels = _stage_channels(cfg, tcfg, metadata)
+    if isinstance(channels, str):
+        report.not_compared.update(layers=channels, final=channels)
+        return
+    height, width = cfg.img_size
+    teacher_grid = (height // tcfg.patch_size, width // tcfg.patch_size)
+    patches = torch.tensor(tcfg.token_layout(teacher_grid).patch_indices, device=ref.final_tokens.device)
+    grids, stages = cfg.stage_grids(), cfg.block_stages()
+    starts = [sum(cfg.depths[:s]) for s in range(len(cfg.depths))]
+
+    plan = _layer_plan(metadata, path)
+    beyond = sorted(b for b, _ in plan.values() if b >= tcfg.depth)
+    if beyond:
+        report.not_compared["layers"] = (
+            f"the file's layer plan names teacher block {beyond[-1]}; this teacher's last is {tcfg.depth - 1}"
+        )
+    elif not plan:
+        report.not_compared["layers"] = "no student layer was initialised from a teacher block (layer plan)"
+    else:
+        for j, tokens in enumerate(ref.layer_tokens):
+            stage = stages[j]
+            where = {"stage": stage, "stage_block": j - starts[stage]}
+            if j not in plan:
+                report.layers_not_compared.append(LayerSimilarity(layer=j, block=None, cosine=0.0, **where).label)
+                continue
+            block, part = plan[j]
+            reference = tout.mid_tokens[block] if part == "attn" else tout.layer_tokens[block]
+            cos = pooled_cosine(tokens, grids[stage], reference[:, patches], teacher_grid, channels[stage])
+            similarity = LayerSimilarity(layer=j, block=block, cosine=cos, sublayer=part, **where)
+            report.layers.append(similarity)
+            if not math.isfinite(cos):
+                report.problems.append(f"{similarity.label}: cosine to teacher block {block} is {cos}")
+    last = len(grids) - 1
+    report.final_cosine = pooled_cosine(
+        ref.final_tokens, grids[last], tout.final_tokens[:, patches], teacher_grid, channels[last]
+    )
+    if not math.isfinite(report.final_cosine):
+        report.problems.append(f"final features: cosine to the teacher is {report.final_cosine}")
 
 
 def _layer_plan(metadata: dict[str, Any], path: Path) -> dict[int, tuple[int, str | None]]:
