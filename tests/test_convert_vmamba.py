@@ -1,27 +1,39 @@
 """Image ViT -> VMamba (`mappings/vit-vmamba.yaml`): the mapping on every pair it lists, the per-stage layer plan,
 per-stage residual sets and a stage wider than the teacher, and a tiny teacher converted end to end (every tensor
-once, inherited tensors equal to the teacher's subcloned slices, deterministic, strict reload, finite forward)."""
+once, inherited tensors equal to the teacher's subcloned slices, deterministic, strict reload, finite forward), its
+verification stage by stage (the CLI without --no-verify; cosines equal to an independent computation on the stage
+grids and kept channels) and the dry-run layer table naming blocks by stage."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from tests._ckpt_factory import make_vit_state_dict, write_checkpoint
 from tests._students import REPO
+from tmconvert.converter.checkpoint import open_checkpoint
 from tmconvert.converter.cli import main
+from tmconvert.converter.cli.convert import _layer_rows
 from tmconvert.converter.convert.engine import ConversionResult, ConvertRequest, convert
 from tmconvert.converter.lint.mappings import check_mapping, plan_for_names
 from tmconvert.converter.mapping.files import default_mapping_for, load_mapping
 from tmconvert.converter.modelfile.converted import load_converted
 from tmconvert.converter.plan.layers import plan_layers, split_over_stages
 from tmconvert.converter.plan.plan import SourceSide, TargetSide, build_plan
+from tmconvert.converter.verify import numeric
+from tmconvert.converter.verify.numeric import verify_converted
 from tmconvert.models import ViTConfig, build_model, registry
+from tmconvert.models.vit import VisionTransformer
 from tmconvert.models.vmamba import VMamba, VMambaConfig
 
 MAPPING = REPO / "mappings" / "vit-vmamba.yaml"
@@ -45,7 +57,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[ConversionResult, di
 
 
 def _unverified(request: ConvertRequest) -> ConvertRequest:
-    # verify/numeric.py pairs one token layout and one width per student; VMamba's stages need its own pairing
+    # the fixture converts twice for determinism; verification is tested on its own below
     return dataclasses.replace(request, verify=False)
 
 
@@ -237,3 +249,124 @@ def test_a_relative_stage_set_needs_a_stage(tmp_path: Path) -> None:
     variant.write_text(text)
     problems = [p.message for p in plan_for_names(load_mapping(variant), "deit-b", "vmamba-t").problems]
     assert any("`@+1` is relative, and this tensor is in no stage" in m for m in problems), problems
+
+
+CELL = re.compile(r"stage (\d) block (\d)←(\d+) (-?\d\.\d{3})")
+
+
+def test_cli_conversion_verifies_stage_by_stage(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Without --no-verify the written VMamba reloads strictly, runs finite, and each block is compared on its stage
+    grid with its teacher block; the rest block is said to be not compared."""
+    src = write_checkpoint(make_vit_state_dict(TEACHER_CFG, seed=3), tmp_path / "teacher.safetensors")
+    monkeypatch.setitem(registry._REGISTRY, "vmamba-tiny", TINY)
+    monkeypatch.setenv("COLUMNS", "300")
+    assert main([str(src), "--to", "vmamba-tiny", "--out", str(tmp_path / "t.safetensors")]) == 0
+    text = capsys.readouterr().out
+    cells = CELL.findall(text)
+    assert [cell[:3] for cell in cells] == [("0", "0", "0"), ("1", "0", "1"), ("2", "0", "2"), ("3", "0", "3")]
+    assert all(math.isfinite(float(cell[3])) for cell in cells)
+    assert "stage 2 block 1: no teacher block fed them" in text and "strict_load=True" in text
+
+    assert main([str(src), "--to", "vmamba-tiny", "--out", str(tmp_path / "j.safetensors"), "--json"]) == 0
+    verification = json.loads(capsys.readouterr().out)["verification"]
+    report = verification["numeric"]
+    assert verification["strict_load"] and report["ok"] and report["finite"] and report["problems"] == []
+    assert report["teacher_comparison"] == "done" and report["not_compared"] == {}
+    rows = [(r["layer"], r["stage"], r["stage_block"], r["block"]) for r in report["layers"]]
+    assert rows == [(0, 0, 0, 0), (1, 1, 0, 1), (2, 2, 0, 2), (4, 3, 0, 3)]
+    assert [round(r["cosine"], 3) for r in report["layers"]] == [float(cell[3]) for cell in cells]
+    assert all(-1 <= r["cosine"] <= 1 for r in report["layers"]) and math.isfinite(report["final_cosine"])
+    assert report["layers_not_compared"] == ["stage 2 block 1"]
+    assert report["backends"]["reference"] == 0.0
+
+
+def _independent_cosines(path: Path, teacher_state: dict, images: torch.Tensor) -> tuple[list[float], float]:
+    """Per inherited block and for the final features: the teacher's patch tokens (8x8) averaged over whole windows to
+    the stage grid (8, 4, 2, 1), at the stage's residual@s channels, against the student's first len(set) channels."""
+    cfg, state, meta = load_converted(path)
+    student = build_model(cfg)
+    student.load_state_dict(state, strict=True)
+    vit = VisionTransformer(dataclasses.replace(TEACHER_CFG, num_classes=1000))
+    vit.load_state_dict(teacher_state)
+    with torch.no_grad():
+        s_out, t_out = student.eval().forward_all(images), vit.eval().forward_all(images)
+    sets = meta["index_sets"]
+
+    def cosine(tokens: torch.Tensor, teacher: torch.Tensor, stage: int) -> float:
+        (kept,) = sets[f"residual@{stage}"]["indices"].values()
+        patches = teacher[:, 1:].unflatten(1, (8, 8)).permute(0, 3, 1, 2)[:, kept]
+        pooled = F.avg_pool2d(patches.double(), 8 // cfg.stage_grids()[stage][0]).flatten(2).transpose(1, 2)
+        return F.cosine_similarity(tokens[..., : len(kept)].double(), pooled, dim=-1).mean().item()
+
+    layers = [
+        cosine(s_out.layer_tokens[j], t_out.layer_tokens[b], s)
+        for j, b, s in ((0, 0, 0), (1, 1, 1), (2, 2, 2), (4, 3, 3))
+    ]
+    return layers, cosine(s_out.final_tokens, t_out.final_tokens, 3)
+
+
+def test_stage_cosines_match_an_independent_computation(tiny, monkeypatch) -> None:
+    result, teacher_state, src = tiny
+    with open_checkpoint(src) as ckpt:
+        report = verify_converted(result.paths.weights, teacher=ckpt, calib=4, seed=1, backends=["reference"])
+        monkeypatch.setattr(numeric, "CPU_SCAN_ELEMENTS", 1)  # one image at a time: the same numbers
+        one_by_one = verify_converted(result.paths.weights, teacher=ckpt, calib=4, seed=1, backends=["reference"])
+    assert report.ok and report.teacher_comparison == "done" and report.images == 4
+    assert [s.label for s in report.layers] == [
+        "stage 0 block 0",
+        "stage 1 block 0",
+        "stage 2 block 0",
+        "stage 3 block 0",
+    ]
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # calib=4, seed=1: seeded noise
+    layers, final = _independent_cosines(result.paths.weights, teacher_state, images)
+    assert [s.cosine for s in report.layers] == pytest.approx(layers, abs=1e-9)
+    assert report.final_cosine == pytest.approx(final, abs=1e-9)
+    assert [s.cosine for s in one_by_one.layers] == pytest.approx(layers, abs=1e-6)
+    cfg = result.plan.target.config  # 32 px: stage 0's 8x8 tokens x 4 scans x 48 channels is the largest scan
+    assert numeric.scan_elements_per_image(cfg, cfg.token_layout()) == 8 * 8 * 4 * 48 * 1
+    assert numeric.scan_elements_per_image(TINY, TINY.token_layout()) == 56 * 56 * 4 * 48 * 1  # at 224 px
+
+
+def test_stages_without_recorded_channels_are_not_compared(tiny, tmp_path: Path) -> None:
+    result, _, src = tiny
+    with safe_open(str(result.paths.weights), framework="pt") as handle:
+        meta = dict(handle.metadata())
+        state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (not a dict)
+    meta.pop("index_sets")
+    save_file(state, str(tmp_path / "no-sets.safetensors"), metadata=meta)
+    with open_checkpoint(src) as ckpt:
+        report = verify_converted(tmp_path / "no-sets.safetensors", teacher=ckpt, calib=2, require_teacher=True)
+    why = (
+        "stage 0 is 48 channels wide and the teacher 128, and the file records no residual@0 channel set that fits "
+        "this teacher"
+    )
+    assert report.not_compared == {"layers": why, "final": why} and report.teacher_comparison == "partial"
+    assert report.problems == [f"no comparison with the teacher: {why}"] and report.top1_agreement is not None
+
+
+def test_dry_run_table_names_blocks_by_stage(tmp_path: Path, capsys, monkeypatch) -> None:
+    src = write_checkpoint(make_vit_state_dict(TEACHER_CFG, seed=1), tmp_path / "teacher.safetensors")
+    monkeypatch.setitem(registry._REGISTRY, "vmamba-tiny", TINY)
+    monkeypatch.setenv("COLUMNS", "300")
+    assert main([str(src), "--to", "vmamba-tiny", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    table = text[text.index("layer plan") : text.index("index sets")]
+    rows = [[cell.strip() for cell in line.split("│")[1:3]] for line in table.splitlines() if line.startswith("│")]
+    assert rows == [
+        ["stage 0 block 0", "0"],
+        ["stage 1 block 0", "1"],
+        ["stage 2 block 0", "2"],
+        ["stage 3 block 0", "3"],
+        ["stage 2 block 1", "none: default init"],
+    ]
+    vmamba_t = SimpleNamespace(layers=plan_layers(None, 12, 14, stages=(2, 2, 8, 2)), options={})
+    assert _layer_rows(vmamba_t) == [
+        ("stage 0 blocks 0-1", "0-1"),
+        ("stage 1 blocks 0-1", "2-3"),
+        ("stage 2 blocks 0-6", "4-10"),
+        ("stage 3 block 0", "11"),
+        ("stage 2 block 7, stage 3 block 1", "none: default init"),
+    ]
+    flat = SimpleNamespace(layers=plan_layers(None, 12, 24), options={"identity_rest": True})  # unchanged
+    assert _layer_rows(flat) == [("0-11", "0-11"), ("12-23", "none: identity start (zero out_proj)")]

@@ -30,6 +30,7 @@ from tmconvert.models import registry as registry_module
 from tmconvert.models.registry import register
 from tmconvert.models.vim import VimConfig, VisionMamba
 from tmconvert.models.vit import VisionTransformer
+from tmconvert.models.vmamba import VMambaConfig
 
 TARGET = "vim-test-verify"
 
@@ -248,3 +249,31 @@ def test_a_vit_model_file_is_not_verified_as_a_student(tmp_path, capsys) -> None
     assert main(["verify", str(tmp_path / "vit.safetensors"), "--calib", "2"]) == 1
     expected = f"error: {tmp_path / 'vit.safetensors'}: a vit model; verify checks converted (Mamba) model files"
     assert capsys.readouterr().err.splitlines()[-1] == expected
+
+
+def test_pooled_stage_comparison_on_known_tokens() -> None:
+    """A hierarchical student's block against its teacher block: the teacher's patch tokens area-pooled to the stage
+    grid, on the stage's kept channels (student channel i against teacher channel kept[i])."""
+    gen = torch.Generator().manual_seed(0)
+    coarse = torch.randn(2, 2 * 2, 6, generator=gen)  # a 2x2 grid of 6 channels
+    fine = coarse.unflatten(1, (2, 2)).repeat_interleave(2, 1).repeat_interleave(2, 2).flatten(1, 2)  # each 2x2 times
+    assert numeric.pooled_cosine(coarse, (2, 2), fine, (4, 4), None) == pytest.approx(1.0, abs=1e-12)
+    assert numeric.pooled_cosine(fine, (4, 4), coarse, (2, 2), None) == pytest.approx(1.0, abs=1e-12)  # finer stage
+    kept = [4, 1, 3]  # a stage wider than the teacher: its channels beyond the kept ones are not compared
+    student = torch.cat([coarse[..., kept], torch.randn(2, 4, 5, generator=gen)], dim=-1)
+    assert numeric.pooled_cosine(student, (2, 2), fine, (4, 4), kept) == pytest.approx(1.0, abs=1e-12)
+    assert numeric.pooled_cosine(-student, (2, 2), fine, (4, 4), kept) == pytest.approx(-1.0, abs=1e-12)
+
+    teacher, stage = torch.randn(1, 16, 3, generator=gen), torch.randn(1, 4, 3, generator=gen)
+    windows = teacher.double().view(1, 2, 2, 2, 2, 3).permute(0, 1, 3, 2, 4, 5).reshape(1, 4, 4, 3).mean(2)  # 2x2 means
+    expected = F.cosine_similarity(stage.double(), windows.double(), dim=-1).mean().item()
+    assert numeric.pooled_cosine(stage, (2, 2), teacher, (4, 4), None) == pytest.approx(expected, abs=1e-9)
+    seven = torch.randn(1, 49, 3, generator=gen)  # 7x7 patches to a 4x4 stage (28 px): overlapping areas
+    area = F.interpolate(seven.view(1, 7, 7, 3).permute(0, 3, 1, 2), size=(4, 4), mode="area")
+    torch.testing.assert_close(numeric.pool_to_grid(seven, (7, 7), (4, 4)), area.flatten(2).transpose(1, 2))
+
+
+def test_images_for_a_student_with_per_stage_widths() -> None:
+    """The calibration images follow the student's geometry only: per-stage widths never reach a ViT config."""
+    cfg = VMambaConfig(img_size=(28, 28), in_chans=1, num_classes=10)
+    assert numeric._images(3, cfg, 3, seed=0).shape == (3, 1, 28, 28)
