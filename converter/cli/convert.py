@@ -82,8 +82,8 @@ def convert(
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan / report as JSON.")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip verification of the written model.")] = False,
 ) -> None:
-    """Convert a ViT/DeiT checkpoint into a Mamba model (ViM, PlainMamba, VideoMamba) by selective weight subcloning
-    and first-n-layer init."""
+    """Convert a ViT/DeiT checkpoint into a Mamba model (ViM, PlainMamba, VideoMamba, VMamba) by selective weight
+    subcloning and first-n-layer init."""
     check_seed(seed)
     request = ConvertRequest(
         source=source,
