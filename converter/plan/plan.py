@@ -307,7 +307,7 @@ def _resolve_index_sets(
     """The declared index sets that resolve, and the names of those that do not (each reported once here). A stage
     wider than the teacher that an `upto` set fills is worth a warning: part of that stage is not the teacher's."""
     sets: dict[str, IndexSetPlan] = {}
-    wider: dict[str, list[str]] = {}  # stage -> "set places of entries", for one warning per stage
+    wider_stages: dict[str, list[str]] = {}  # stage -> "set places of entries", for one warning per stage
     ctx = OpContext(configs, {}, None, None)
     for name, spec in mapping.mapping.index_sets.items():
         path = f"index_sets.{name}"
@@ -336,7 +336,9 @@ def _resolve_index_sets(
             keep_s -= spec.reserve  # the student's room, less the channels the rules set aside
             if spec.upto and keep_s > full_s:
                 if staged:
-                    wider.setdefault(key.rpartition("@")[2], []).append(f"{key} {keep_s} of {full_s} ({spec.full})")
+                    wider_stages.setdefault(key.rpartition("@")[2], []).append(
+                        f"{key} {keep_s} of {full_s} ({spec.full})"
+                    )
                 keep_s = full_s
             if keep_s <= 0 or keep_s > full_s:
                 where = f"stage {key.rpartition('@')[2]} " if staged else ""
@@ -354,7 +356,7 @@ def _resolve_index_sets(
             )
             continue
         sets.update(planned)
-    for stage, items in wider.items():
+    for stage, items in wider_stages.items():
         warnings.append(
             f"stage {stage} is wider than the teacher ({', '.join(items)}): it keeps every teacher entry, and the "
             "mapping's fill parts make the rest"
