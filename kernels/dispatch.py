@@ -228,7 +228,6 @@ def _backend_for_call(
     return "triton" if _unavailable_reason("triton", device) is None else "reference"
 
 
-@torch.compiler.disable
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -249,6 +248,32 @@ def selective_scan(
     Opaque to `torch.compile` (a graph break): the compiled model's other parts fuse around the scan, and neither
     compiled kernel is retraced (Inductor cannot recompile the Triton kernels, which read module-level constants).
     """
+    return _opaque_to_compile(_dispatch_scan)(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse, backend
+    )
+
+
+@functools.cache
+def _opaque_to_compile(fn: Callable[..., object]) -> Callable[..., object]:
+    """`fn` behind `torch.compiler.disable`, made on first use: that call imports TorchDynamo, and with it triton,
+    which importing `tmconvert.kernels` must not."""
+    return torch.compiler.disable(fn)
+
+
+def _dispatch_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+    return_last_state: bool,
+    reverse: bool,
+    backend: str | None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     validate_scan_args(u, delta, A, B, C, D, z, delta_bias)
     args = (u, delta, A, B, C, D, z, delta_bias)
     name = _backend_for_call(u.device, u.dtype, backend, lambda: _cuda_unsupported_reason(*args))

@@ -89,6 +89,7 @@ def test_json_has_the_same_facts_and_every_tensor(tmp_path: Path, capsys) -> Non
         {"name": "vit-plainmamba-mlp", "target": "plainmamba", "default": True},
         {"name": "vit-videomamba-mlp", "target": "videomamba", "default": True},
         {"name": "vit-vim-mlp", "target": "vim", "default": True},
+        {"name": "vit-vmamba", "target": "vmamba", "default": True},
         {"name": "vit-vim-attn", "target": "vim", "default": False},
         {"name": "vit-vim-interleaved", "target": "vim", "default": False},
     ]
