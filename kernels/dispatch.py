@@ -248,32 +248,10 @@ def selective_scan(
     Opaque to `torch.compile` (a graph break): the compiled model's other parts fuse around the scan, and neither
     compiled kernel is retraced (Inductor cannot recompile the Triton kernels, which read module-level constants).
     """
-    return _opaque_to_compile(_dispatch_scan)(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse, backend
-    )
-
-
-@functools.cache
-def _opaque_to_compile(fn: Callable[..., object]) -> Callable[..., object]:
-    """`fn` behind `torch.compiler.disable`, made on first use: that call imports TorchDynamo, and with it triton,
-    which importing `tmconvert.kernels` must not."""
-    return torch.compiler.disable(fn)
-
-
-def _dispatch_scan(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    delta_bias: torch.Tensor | None,
-    delta_softplus: bool,
-    return_last_state: bool,
-    reverse: bool,
-    backend: str | None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    if torch.compiler.is_compiling():  # TorchDynamo is tracing: call the scan as an opaque (disabled) function
+        return _compile_opaque_scan()(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse, backend=backend
+        )
     validate_scan_args(u, delta, A, B, C, D, z, delta_bias)
     args = (u, delta, A, B, C, D, z, delta_bias)
     name = _backend_for_call(u.device, u.dtype, backend, lambda: _cuda_unsupported_reason(*args))
@@ -281,3 +259,10 @@ def _dispatch_scan(
         return _run_cuda(_load_cuda(), *args, delta_softplus, return_last_state, reverse)
     scan_fn = _load_triton() if name == "triton" else selective_scan_ref
     return scan_fn(*args, delta_softplus=delta_softplus, return_last_state=return_last_state, reverse=reverse)
+
+
+@functools.cache
+def _compile_opaque_scan() -> ScanFn:
+    """`selective_scan` behind `torch.compiler.disable`, made when first traced: the decorator imports TorchDynamo,
+    and with it triton, which importing `tmconvert.kernels` must not."""
+    return torch.compiler.disable(selective_scan)
