@@ -268,13 +268,8 @@ def _compare_with_teacher(
             return tokens if channels is None else tokens[..., channels]
 
         plan = _layer_plan(metadata, path)
-        beyond = sorted(b for b, _ in plan.values() if b >= tcfg.depth)
-        if beyond:
-            report.not_compared["layers"] = (
-                f"the file's layer plan names teacher block {beyond[-1]}; this teacher's last is {tcfg.depth - 1}"
-            )
-        elif not plan:
-            report.not_compared["layers"] = "no student layer was initialised from a teacher block (layer plan)"
+        if (problem := _plan_problem(plan, tcfg)) is not None:
+            report.not_compared["layers"] = problem
         else:
             last: tuple[int, str | None] | None = None
             for j, tokens in enumerate(ref.layer_tokens):
@@ -401,6 +396,16 @@ def _stage_channels(cfg: Any, tcfg: ViTConfig, metadata: dict[str, Any]) -> list
     return channels
 
 
+def _plan_problem(plan: dict[int, tuple[int, str | None]], tcfg: ViTConfig) -> str | None:
+    """Why the file's layer plan gives no layer comparison with this teacher, or None when it does."""
+    beyond = sorted(b for b, _ in plan.values() if b >= tcfg.depth)
+    if beyond:
+        return f"the file's layer plan names teacher block {beyond[-1]}; this teacher's last is {tcfg.depth - 1}"
+    if not plan:
+        return "no student layer was initialised from a teacher block (layer plan)"
+    return None
+
+
 def _compare_stages(
     report: VerifyReport,
     ref: MambaOutput,
@@ -423,13 +428,8 @@ def _compare_stages(
     starts = [sum(cfg.depths[:s]) for s in range(len(cfg.depths))]
 
     plan = _layer_plan(metadata, path)
-    beyond = sorted(b for b, _ in plan.values() if b >= tcfg.depth)
-    if beyond:
-        report.not_compared["layers"] = (
-            f"the file's layer plan names teacher block {beyond[-1]}; this teacher's last is {tcfg.depth - 1}"
-        )
-    elif not plan:
-        report.not_compared["layers"] = "no student layer was initialised from a teacher block (layer plan)"
+    if (problem := _plan_problem(plan, tcfg)) is not None:
+        report.not_compared["layers"] = problem
     else:
         for j, tokens in enumerate(ref.layer_tokens):
             stage = stages[j]
