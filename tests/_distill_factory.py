@@ -32,15 +32,23 @@ TEST_RECIPE = "recipe: 1\ndata:\n  workers: 0\nrun:\n  log_every: 1\n"
 
 
 @contextlib.contextmanager
-def registered_student() -> Iterator[str]:
-    """The tiny student's name in the model registry, for the duration of the block."""
+def registered(**configs: Any) -> Iterator[None]:
+    """`configs` in the model registry under their keyword names, for the duration of the block."""
     saved = dict(registry_module._REGISTRY)
-    registry_module.register(STUDENT_NAME, STUDENT_CFG)
+    for name, cfg in configs.items():
+        registry_module.register(name, cfg)
     try:
-        yield STUDENT_NAME
+        yield
     finally:
         registry_module._REGISTRY.clear()
         registry_module._REGISTRY.update(saved)
+
+
+@contextlib.contextmanager
+def registered_student() -> Iterator[str]:
+    """The tiny student's name in the model registry, for the duration of the block."""
+    with registered(**{STUDENT_NAME: STUDENT_CFG}):
+        yield STUDENT_NAME
 
 
 def write_teacher(path: Path, cfg: ViTConfig = TEACHER, seed: int = 0, metadata: dict[str, str] | None = None) -> Path:

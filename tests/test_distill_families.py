@@ -4,16 +4,14 @@ of its student token, and short CPU runs on images and clips write students that
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests._distill_factory import TEACHER, recipe, request, write_teacher
+from tests._distill_factory import TEACHER, recipe, registered, request, write_teacher
 from tmconvert.converter.cli import main
 from tmconvert.converter.configs import derive_target_config
 from tmconvert.converter.distill.errors import RunError
@@ -22,7 +20,6 @@ from tmconvert.converter.distill.loss import FeatureAlignment
 from tmconvert.converter.distill.run import prepare_run, run_distillation
 from tmconvert.converter.modelfile.converted import read_metadata
 from tmconvert.models import PlainMambaConfig, VideoMambaConfig, VisionTransformer, build_model
-from tmconvert.models import registry as registry_module
 
 # tiny students of the 16 px / patch 4 teacher (4x4 grid + cls): stem_channels 24 is what the mapping's
 # space-to-depth stem needs for 3 channels at patch 4
@@ -36,18 +33,6 @@ ZIGZAG_4X4 = {  # raster index of the patch each PlainMamba direction visits at 
 ZIGZAG_4X4 |= {"row_rev": ZIGZAG_4X4["row"][::-1], "col_rev": ZIGZAG_4X4["col"][::-1]}
 
 
-@contextlib.contextmanager
-def _registered(**configs) -> Iterator[None]:
-    saved = dict(registry_module._REGISTRY)
-    for name, cfg in configs.items():
-        registry_module.register(name, cfg)
-    try:
-        yield
-    finally:
-        registry_module._REGISTRY.clear()
-        registry_module._REGISTRY.update(saved)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """The tiny teacher and a PlainMamba and a VideoMamba converted from it by the real converter."""
@@ -56,7 +41,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("families")
     teacher = write_teacher(folder / "teacher.safetensors")
     out = {"teacher": teacher}
-    with _registered(**{"plain-test": PLAIN, "video-test": VIDEO}):
+    with registered(**{"plain-test": PLAIN, "video-test": VIDEO}):
         for name in ("plain-test", "video-test"):
             out[name] = folder / f"{name}.safetensors"
             convert(ConvertRequest(source=teacher, target=name, out=out[name], num_heads=TEACHER.num_heads))
@@ -182,7 +167,7 @@ def test_converted_students_distil_and_evaluate(files, tmp_path, capsys, student
 def test_from_scratch_students_pair_evenly(files, tmp_path):
     deep_plain = PlainMambaConfig(embed_dim=16, depth=4, d_state=4, num_convs=0, dwconv_layers=(), stem_channels=8)
     deep_video = VideoMambaConfig(embed_dim=16, depth=4, d_state=4, num_frames=2)
-    with _registered(**{"plain-scratch": deep_plain, "video-scratch": deep_video}):
+    with registered(**{"plain-scratch": deep_plain, "video-scratch": deep_video}):
         plain, plain_result = _run(files, "plain-scratch", "synthetic:16", tmp_path, "plain")
         video, video_result = _run(files, "video-scratch", "clips:2:synthetic:16", tmp_path, "video")
     for prepared, result in ((plain, plain_result), (video, video_result)):
@@ -197,7 +182,7 @@ def test_students_that_cannot_read_the_data_are_refused(files, tmp_path):
     with pytest.raises(RunError, match=r"clips need a video student \(videomamba\), this one is a plainmamba"):
         _run(files, str(files["plain-test"]), "clips:2:synthetic:16", tmp_path, "a")
     tubelet = VideoMambaConfig(embed_dim=16, depth=2, d_state=4, num_frames=4, tubelet=2)
-    with _registered(**{"video-tubelet": tubelet}), pytest.raises(RunError, match="multiple of 2 frames, got 3"):
+    with registered(**{"video-tubelet": tubelet}), pytest.raises(RunError, match="multiple of 2 frames, got 3"):
         _run(files, "video-tubelet", "clips:3:synthetic:16", tmp_path, "b")
     with pytest.raises(RunError, match=r"align.steps: .* ViM layers only, plain-test.safetensors is a plainmamba"):
         _run(files, str(files["plain-test"]), "synthetic:16", tmp_path, "c", ["align.steps=2"])

@@ -5,18 +5,16 @@ that lowers the loss and writes a student `tmconvert eval` reads, and one-line e
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from tests._distill_factory import TEST_RECIPE, recipe, request, write_teacher
+from tests._distill_factory import TEST_RECIPE, recipe, registered, request, write_teacher
 from tmconvert.converter.cli import main
 from tmconvert.converter.distill.families import feature_alignment, pair_table
 from tmconvert.converter.distill.grids import DEFAULT_GRID_MATCH, GridError, GridMatch, common_grid, resample
@@ -25,7 +23,6 @@ from tmconvert.converter.distill.run import even_pairs, prepare_run, run_distill
 from tmconvert.converter.modelfile.classifier import load_model_file
 from tmconvert.converter.modelfile.converted import read_metadata
 from tmconvert.models import ViTConfig, build_model
-from tmconvert.models import registry as registry_module
 from tmconvert.models.vmamba import VMamba, VMambaConfig, cross_merge
 
 # 32 px, patch 8: a 4x4 patch grid (+ cls), four blocks. The student reads 32 px on stage grids 8, 4, 2, 1: finer,
@@ -34,18 +31,6 @@ TEACHER = ViTConfig(embed_dim=32, depth=4, num_heads=2, mlp_hidden=64, patch_siz
 STUDENT = VMambaConfig(dims=8, depths=(1, 1, 2, 1), d_state=1)
 NAME = "vmamba-test-distill"
 SHORT = ["optim.warmup_fraction=0", "data.augment=none", "data.hflip=false"]
-
-
-@contextlib.contextmanager
-def _registered(**configs) -> Iterator[None]:
-    saved = dict(registry_module._REGISTRY)
-    for name, cfg in configs.items():
-        registry_module.register(name, cfg)
-    try:
-        yield
-    finally:
-        registry_module._REGISTRY.clear()
-        registry_module._REGISTRY.update(saved)
 
 
 def _student_cfg(img: int = 32) -> VMambaConfig:
@@ -198,7 +183,7 @@ def test_cli_refuses_unsupported_combinations_in_one_line(tmp_path, capsys):
     (tmp_path / "recipe.yaml").write_text(TEST_RECIPE)
     base = ["distill", str(teacher), NAME, "--recipe", str(tmp_path / "recipe.yaml"), "--heads", "2"]
     base += ["--batch-size", "4", "--steps", "2", "--device", "cpu", "--json"]
-    with _registered(**{NAME: STUDENT}):
+    with registered(**{NAME: STUDENT}):
         pairs = ["--data", "synthetic:8", "--pairs", "2:0"]  # stage 2 (2x2) against the teacher's 3x3
         assert main([*base, *pairs, "--out", str(tmp_path / "a")]) == 0  # interpolate (the default) pairs any grids
         err = _cli_error(capsys, [*base, *pairs, "--out", str(tmp_path / "b"), "--set", "loss.grid=pool"])
@@ -227,7 +212,7 @@ def _records(result) -> list[dict]:
 def test_from_scratch_vmamba_distils_writes_a_loadable_student_and_evaluates(teacher_file, tmp_path, capsys, grid):
     steps = 12
     loaded = recipe(tmp_path, [*SHORT, f"loss.grid={grid}", "optim.lr=3e-3"], steps=steps, batch_size=8)
-    with _registered(**{NAME: STUDENT}):
+    with registered(**{NAME: STUDENT}):
         prepared = prepare_run(request(teacher_file, NAME, "synthetic:8", tmp_path / "run", loaded))
         result = run_distillation(prepared)
     assert result.finished and result.step == steps
@@ -270,7 +255,7 @@ def test_a_converted_vmamba_pairs_by_its_layer_plan(teacher_file, tmp_path):
     from tmconvert.converter.convert.engine import ConvertRequest, convert
 
     out = tmp_path / "student.safetensors"
-    with _registered(**{NAME: STUDENT}):
+    with registered(**{NAME: STUDENT}):
         convert(ConvertRequest(source=teacher_file, target=NAME, out=out, verify=False, num_heads=2))
     plan = read_metadata(out)["layer_plan"]
     expected = [(e["layer"], e["block"]) for e in plan if e["block"] is not None]
